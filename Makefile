@@ -1,0 +1,39 @@
+# Set-up and the three stages. PIPELINE names a file in pipelines/ (or a path to one).
+PYTHON   ?= python3
+VENV     ?= .venv
+PIPELINE ?= demo
+ARGS     ?=
+CFRH     := $(VENV)/bin/cfrh
+
+.PHONY: setup test extract train evaluate search demo benchmarks clean-cache
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 first: it is the CPU build on this machine's disk; a bare `torch` would pull a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0 || $(VENV)/bin/pip install -q torch
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -n 2
+
+extract: setup
+	$(CFRH) extract $(PIPELINE) $(ARGS)
+
+train: setup
+	$(CFRH) train $(PIPELINE) $(ARGS)
+
+evaluate: setup
+	$(CFRH) evaluate $(PIPELINE) $(ARGS)
+
+demo: setup
+	$(CFRH) demo $(ARGS)
+
+benchmarks: setup
+	for b in benchmarks/*.py; do $(VENV)/bin/python $$b || exit 1; done
+
+clean-cache:
+	find cache -mindepth 1 ! -name README.md -exec rm -rf {} +

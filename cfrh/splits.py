@@ -1,0 +1,86 @@
+"""Retrieval protocols: which rows are queries, which the database, which train the model.
+
+A protocol is the ``[split]`` table of a pipeline:
+
+``method = "random"``
+    ``query`` rows drawn at random (or ``query_per_label`` rows per label, as the 2,100-query
+    NUS-WIDE protocol does), the database is the rest (``database = "rest"``) or everything
+    (``"all"``), and ``train`` rows are drawn from the database (DCMH/DJSRH/JDSH convention).
+``method = "fixed"``
+    the dataset's own lists (WIKI): ``query_from``/``train_from``/``database_from`` name them.
+
+Splits are seeded, computed once at extraction and stored in the cache, so every method and
+every rerun sees the same rows.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import CfrhError
+
+
+class SplitError(CfrhError, ValueError):
+    """A split protocol that cannot be met by this dataset."""
+
+
+def _per_label_query(labels: np.ndarray, per_label: int, rng: np.random.Generator) -> np.ndarray:
+    """``per_label`` distinct rows for each label, drawn label by label among rows not yet taken."""
+    taken = np.zeros(labels.shape[0], dtype=bool)
+    picked = []
+    for c in range(labels.shape[1]):
+        pool = np.flatnonzero((labels[:, c] > 0) & ~taken)
+        if pool.size < per_label:
+            raise SplitError(f"label {c} has only {pool.size} unused items, fewer than query_per_label={per_label}")
+        chosen = rng.choice(pool, size=per_label, replace=False)
+        taken[chosen] = True
+        picked.append(chosen)
+    return np.sort(np.concatenate(picked))
+
+
+def make_splits(n: int, protocol: dict[str, Any], labels: np.ndarray | None = None,
+                fixed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Row indices (sorted int64) for ``query``, ``train`` and ``database``."""
+    method = protocol.get("method", "random")
+    seed = int(protocol.get("seed", 0))
+    rng = np.random.default_rng(seed)
+    if method == "fixed":
+        if not fixed:
+            raise SplitError("split method 'fixed' needs a dataset that ships its own lists (e.g. WIKI)")
+        out = {}
+        for part, default in (("query", "test"), ("train", "train"), ("database", "train")):
+            names = protocol.get(f"{part}_from", default)
+            names = [names] if isinstance(names, str) else list(names)
+            missing = [x for x in names if x not in fixed]
+            if missing:
+                raise SplitError(f"split {part}_from names {missing}; the dataset's lists are {sorted(fixed)}")
+            out[part] = np.unique(np.concatenate([np.asarray(fixed[x], dtype=np.int64) for x in names]))
+        return out
+    if method != "random":
+        raise SplitError(f"unknown split method {method!r}; use 'random' or 'fixed'")
+
+    if "query_per_label" in protocol:
+        if labels is None:
+            raise SplitError("query_per_label needs labels; this dataset has none, use query = N instead")
+        query = _per_label_query(labels, int(protocol["query_per_label"]), rng)
+    else:
+        n_query = int(protocol.get("query", min(2000, n // 10)))
+        if not 0 < n_query < n:
+            raise SplitError(f"query = {n_query} must be between 1 and {n - 1} for {n} items")
+        query = np.sort(rng.choice(n, size=n_query, replace=False))
+    rest = np.setdiff1d(np.arange(n), query)
+    database_rule = protocol.get("database", "rest")
+    if database_rule not in ("rest", "all"):
+        raise SplitError(f"database = {database_rule!r}; use 'rest' (all but the queries) or 'all'")
+    database = rest if database_rule == "rest" else np.arange(n)
+    n_train = protocol.get("train", "all")
+    if n_train == "all":
+        train = rest.copy()
+    else:
+        n_train = int(n_train)
+        if n_train > rest.size:
+            raise SplitError(f"train = {n_train} exceeds the {rest.size} non-query items")
+        train = np.sort(rng.choice(rest, size=n_train, replace=False))
+    return {"query": query.astype(np.int64), "train": train.astype(np.int64),
+            "database": database.astype(np.int64)}

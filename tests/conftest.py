@@ -1,0 +1,36 @@
+"""Shared fixtures: where the real data lives (../shared), skipping clearly when it is absent."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real data not available: {p} (the project reads it from ../shared)")
+    return p
+
+
+@pytest.fixture
+def wiki_dir() -> Path:
+    return shared_path("data", "wiki")
+
+
+@pytest.fixture
+def mirflickr_dir() -> Path:
+    return shared_path("data", "mirflickr25k")
+
+
+@pytest.fixture
+def coco_mini_dir() -> Path:
+    return shared_path("data", "coco-mini")
+
+
+@pytest.fixture
+def vit_b32_dir() -> Path:
+    return shared_path("models", "clip-vit-base-patch32")
