@@ -344,6 +344,15 @@ class FeatureCache:
                              f"run `cfrh train` first") from None
 
 
+def open_pipeline_cache(pipeline: Any, cache_root: str | os.PathLike | None = None, mode: str = "r",
+                        require_complete: bool = True) -> FeatureCache:
+    """The cache a pipeline reads and writes: folder ``pipeline.name``, key from ``features.image_model``.
+
+    The one lookup every stage after extraction uses (train, evaluate, search), so they agree."""
+    key = feature_key(pipeline.features.get("image_model", "precomputed"))
+    return FeatureCache.open(cache_root, pipeline.name, key, mode=mode, require_complete=require_complete)
+
+
 def list_caches(root: str | os.PathLike | None = None) -> list[FeatureCache]:
     """Every cache group (``<dataset>/<feature-key>``) under a cache root."""
     root = str(root or default_cache_root())
