@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -177,12 +176,19 @@ def test_mirflickr_layout_cleaning(tmp_path):
     assert all(p.parent == (root / "mirflickr").resolve() for p in c.image_paths)
     assert c.text_kind == "tags" and c.labels.dtype == np.uint8
 
+    # meta/tags_raw: the users' spelling, normalised to the meta/tags form (lower case, no spaces/punctuation).
+    (root / "meta" / "tags").rename(root / "meta" / "tags_raw")
+    (root / "meta" / "tags_raw" / "tags1.txt").write_text("New York\nSKY\n")
+    raw = read_dataset("mirflickr25k", root, min_tag_images=3)
+    assert raw.vocabulary == c.vocabulary and raw.texts[0] == "newyork sky"
+    with pytest.raises(DatasetError, match="meta/tags: tag folder not found"):
+        read_dataset("mirflickr25k", root, tags="tags")
     (root / "annotations").rename(root / "ann")
     with pytest.raises(DatasetError, match="annotations"):
         read_dataset("mirflickr25k", root)
 
 
-def test_mirflickr_real_mat_via_mat_reader(mirflickr_dir):
+def test_mirflickr_real_mat_via_mat_reader(mirflickr_dir, tmp_path):
     c = read_dataset("mat", mirflickr_dir)
     assert c.text_features.shape == (20015, 1386) and c.text_features.dtype == np.uint8
     assert c.labels.shape == (20015, 24) and c.labels.dtype == np.uint8
@@ -200,6 +206,18 @@ def test_mirflickr_real_mat_via_mat_reader(mirflickr_dir):
         has_sub = c.labels[:, col[sub]] == 1
         assert c.labels[has_sub, col[general]].mean() > 0.99, (sub, general)
     assert int(np.argmin(c.labels.sum(0))) == col["baby"] and int(np.argmax(c.labels.sum(0))) == col["structures"]
+
+    # The layout reader yields the same kind of data: 24 uint8 label columns in this order, and a tag
+    # BoW over its fixed vocabulary that is binary with at least one tag per kept pair, as YAll is.
+    make_mirflickr(tmp_path / "mf")
+    fake = read_dataset("mirflickr25k", tmp_path / "mf", min_tag_images=3)
+    assert fake.label_names == list(MIRFLICKR_CONCEPTS) and fake.labels.dtype == c.labels.dtype
+    assert (fake.labels.sum(1) >= 1).all()
+    vocab = {t: j for j, t in enumerate(fake.vocabulary)}
+    bow = np.zeros((len(fake), len(vocab)), np.uint8)
+    for i, text in enumerate(fake.texts):
+        bow[i, [vocab[t] for t in text.split() if t in vocab]] = 1
+    assert set(np.unique(bow)) == set(np.unique(c.text_features)) == {0, 1} and (bow.sum(1) >= 1).all()
 
 
 # -- NUS-WIDE -------------------------------------------------------------------------------------
