@@ -1,0 +1,136 @@
+"""`cfrh extract` throughput against the model's own forward pass, on real JPEGs, same run.
+
+Extraction: the real CLI (`cfrh extract`, a subprocess) over the 159 real MS-COCO JPEGs of
+../shared/data/coco-mini with the real ViT-B/32 architecture (config and processor from
+../shared/models/clip-vit-base-patch32, random weights: compute cost does not depend on the weight
+values) on the CPU; its images/s is the one the manifest records for the image loop (decoding in
+DataLoader workers + model + writing the cache).
+
+Baseline: the same model (same batch size, same precision) run forward-only over the same images
+already decoded and preprocessed into tensors, measured before and after the extraction; the faster
+of the two counts, so other load on a shared machine can only make the ratio look worse, not better.
+
+Also printed: what decoding and the (PIL) image processor cost per image in one process, next to
+the model's cost, which is what torchvision's faster processor could at most save.
+
+    python benchmarks/extract.py [--batch-size 32] [--precision fp32] [--workers auto]
+
+Last line: ``extract_vs_forward: <extract images/s ÷ forward-only images/s>`` (target ≥ 0.9).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+COCO = SHARED / "data" / "coco-mini"
+VIT = SHARED / "models" / "clip-vit-base-patch32"
+
+
+def pipeline_toml(folder: Path, args: argparse.Namespace) -> Path:
+    toml = folder / "coco-mini.toml"
+    workers = args.workers if args.workers == "auto" else int(args.workers)
+    toml.write_text(f"""name = "coco-mini"
+[dataset]
+reader = "coco"
+root = "{COCO}"
+[features]
+image_model = "{VIT}"
+random_init = true
+local_files_only = true
+precision = "{args.precision}"
+batch_size = {args.batch_size}
+workers = {json.dumps(workers)}
+text = "captions"
+[split]
+method = "random"
+query = 20
+train = 80
+seed = 0
+""")
+    return toml
+
+
+def forward_only(encoder, pixels: torch.Tensor, batch_size: int) -> float:
+    """images/s of the model alone over ready tensors, after one warm-up batch."""
+    encoder.embed(pixels[:batch_size])
+    t0 = time.perf_counter()
+    for s in range(0, len(pixels), batch_size):
+        encoder.embed(pixels[s:s + batch_size])
+    return len(pixels) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    ap.add_argument("--workers", default="auto")
+    args = ap.parse_args()
+    for p in (COCO, VIT):
+        if not p.exists():
+            sys.exit(f"benchmark data not found: {p} (the benchmark reads ../shared)")
+
+    from cfrh.datasets import read_dataset
+    from cfrh.features.image import load_clip
+
+    files = [str(p) for p in read_dataset("coco", COCO).image_paths]
+    encoder = load_clip(str(VIT), "cpu", args.precision, local_files_only=True, random_init=True)
+    print(f"model: ViT-B/32 architecture (random weights), {args.precision} on CPU, {torch.get_num_threads()} "
+          f"torch threads, batch {args.batch_size}; {len(files)} COCO JPEGs; transformers processor "
+          f"{type(encoder.processor).__name__}")
+
+    # Decoding and preprocessing cost, one process, against the model's cost per image.
+    t0 = time.perf_counter()
+    images = [Image.open(f).convert("RGB") for f in files]
+    t_decode = (time.perf_counter() - t0) / len(files)
+    t0 = time.perf_counter()
+    pixels = encoder.preprocess(images)
+    t_process = (time.perf_counter() - t0) / len(files)
+    del images
+
+    before = forward_only(encoder, pixels, args.batch_size)
+    t_model = 1.0 / before
+    print(f"per image: JPEG decode {t_decode * 1e3:.1f} ms, image processor {t_process * 1e3:.1f} ms, "
+          f"model forward {t_model * 1e3:.1f} ms (on {torch.get_num_threads()} threads = "
+          f"{t_model * torch.get_num_threads() * 1e3:.0f} core-ms)")
+    print(f"decode + preprocessing = {100 * (t_decode + t_process) / (t_model * torch.get_num_threads()):.1f}% of "
+          f"the model's CPU time: a faster (torchvision) processor could save at most "
+          f"{100 * t_process / (t_model * torch.get_num_threads() + t_decode + t_process):.1f}% of the work")
+
+    with tempfile.TemporaryDirectory(prefix="cfrh-bench-") as tmp:
+        toml = pipeline_toml(Path(tmp), args)
+        cache_root = Path(tmp) / "cache"
+        cfrh = [sys.executable, "-m", "cfrh.cli"] if not (Path(sys.executable).parent / "cfrh").exists() \
+            else [str(Path(sys.executable).parent / "cfrh")]
+        t0 = time.perf_counter()
+        proc = subprocess.run([*cfrh, "extract", str(toml), "--cache", str(cache_root)], capture_output=True,
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            sys.exit(f"cfrh extract failed:\n{proc.stdout}\n{proc.stderr}")
+        manifest = json.loads((cache_root / "coco-mini").glob("*/zarr.json").__next__().read_text())
+        found = manifest["attributes"]["cfrh"]["found"]
+    run = found["image"]
+    extract_rate = run["throughput"]["images_per_s"]
+    after = forward_only(encoder, pixels, args.batch_size)
+    baseline = max(before, after)
+    print(f"cfrh extract: {run['throughput']['images']} images in {run['throughput']['seconds']:.1f} s of image "
+          f"loop = {extract_rate:.2f} images/s ({run['workers']} decoding workers; whole command incl. start-up "
+          f"and dataset read {wall:.1f} s)")
+    print(f"forward only: {before:.2f} images/s before, {after:.2f} after; baseline (the faster) {baseline:.2f} "
+          f"images/s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"extract_vs_forward: {extract_rate / baseline:.3f}")
+
+
+if __name__ == "__main__":
+    main()

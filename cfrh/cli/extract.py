@@ -1,0 +1,199 @@
+"""``cfrh extract PIPELINE`` and ``cfrh cache ls | info | verify``."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+import fsspec
+import zarr
+from rich.table import Table
+
+from ..cache import CacheError, FeatureCache, default_cache_root, list_caches, open_pipeline_cache
+from ..config import Pipeline, load_pipeline
+from .common import cli, console, pipeline_options, progress
+
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8")
+
+
+def _drops_rows(table: Table, dropped: dict[str, Any]) -> None:
+    for reason, count in sorted(dropped.get("by_reason", {}).items(), key=lambda kv: -kv[1]):
+        table.add_row(f"  dropped: {reason}", f"{count:,}")
+
+
+@cli.command()
+@pipeline_options
+@click.option("--overwrite", is_flag=True, help="Delete an existing cache for this pipeline and model first.")
+@click.option("--model", default=None, help="CLIP model: a hub id or a local checkpoint directory "
+                                            "(overrides features.image_model).")
+@click.option("--device", default=None, help="auto (GPU when present), cpu, cuda, cuda:N.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=None,
+              help="auto: fp16 on a GPU, fp32 on the CPU; int8: dynamic quantisation of Linear layers (CPU).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per model call.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Image-decoding worker processes (default: auto).")
+@click.option("--random-weights", is_flag=True,
+              help="Build the model's architecture with random weights (benchmarks only; flagged untrained).")
+def extract(pipeline: Pipeline, cache_root: str | None, overwrite: bool, model: str | None, device: str | None,
+            precision: str | None, batch_size: int | None, workers: int | None, random_weights: bool) -> None:
+    """Read a dataset, compute CLIP image features and bag-of-words text features, write the cache.
+
+    Rerunning after an interruption resumes where it stopped."""
+    from ..extract import extract as run_extract
+
+    if random_weights:
+        pipeline.features["random_init"] = True
+    with progress() as bar:
+        task = bar.add_task("images", total=None, info="reading the dataset")
+
+        def on_images(done: int, total: int, seconds: float) -> None:
+            rate = f"{done / seconds:.1f} images/s" if seconds > 0 else ""
+            bar.update(task, total=total, completed=done, info=rate)
+
+        result = run_extract(pipeline, cache_root, overwrite=overwrite, model=model, device=device,
+                             precision=precision, batch_size=batch_size, workers=workers, on_images=on_images)
+        bar.update(task, info="done" if bar.tasks[task].total else "no images to extract")
+    counts = result.counts
+    table = Table(title=f"{pipeline.name}: " + ("already complete" if result.already_complete else
+                                                 "resumed and finished" if result.resumed else "extracted"),
+                  show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("items", f"{counts.get('items', 0):,}")
+    table.add_row("image features", f"{counts.get('image_dim', '?')}-d")
+    table.add_row("text features", f"{counts.get('text_dim', '?')}-d"
+                  + (f" ({counts['empty_text_rows']:,} empty rows)" if counts.get("empty_text_rows") else ""))
+    table.add_row("labels", str(counts.get("labels", 0)))
+    table.add_row("query / train / database",
+                  f"{counts.get('query', 0):,} / {counts.get('train', 0):,} / {counts.get('database', 0):,}")
+    table.add_row("dropped", f"{result.dropped.get('total', 0):,}")
+    _drops_rows(table, result.dropped)
+    if result.images_per_s and not result.already_complete:
+        table.add_row("images/s (this run)", f"{result.images_per_s:.1f}")
+    table.add_row("cache", result.cache.url)
+    console.print(table)
+
+
+@cli.group()
+def cache() -> None:
+    """List, inspect and verify feature caches."""
+
+
+def _open_target(target: str, cache_root: str | None, overrides: tuple[str, ...]) -> FeatureCache:
+    """A cache group by path/URL (a folder holding zarr.json), else the cache of a pipeline name or file."""
+    fs, path = fsspec.core.url_to_fs(target)
+    if fs.exists(f"{path.rstrip('/')}/zarr.json"):
+        group = zarr.open_group(target, mode="r")
+        if "cfrh" not in group.attrs:
+            raise CacheError(f"{target}: a Zarr group without a cfrh manifest")
+        return FeatureCache(target, group)
+    return open_pipeline_cache(load_pipeline(target, overrides), cache_root, require_complete=False)
+
+
+def _caches(targets: tuple[str, ...], cache_root: str | None, overrides: tuple[str, ...]) -> list[FeatureCache]:
+    if targets:
+        return [_open_target(t, cache_root, overrides) for t in targets]
+    found = list_caches(cache_root)
+    if not found:
+        raise CacheError(f"{cache_root or default_cache_root()}: no feature caches here; run `cfrh extract` first")
+    return found
+
+
+def _dims(m: dict[str, Any], name: str) -> str:
+    shape = m.get("shapes", {}).get(name)
+    return str(shape[1]) if shape and len(shape) > 1 else "-"
+
+
+cache_root_option = click.option("--cache", "cache_root", default=None, envvar="CFRH_CACHE",
+                                 help="Cache root: a folder or fsspec URL (default ./cache, or $CFRH_CACHE).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                          help="Pipeline overrides, when a target is a pipeline (repeatable).")
+
+
+@cache.command("ls")
+@cache_root_option
+def cache_ls(cache_root: str | None) -> None:
+    """A table of the caches under the cache root."""
+    root = cache_root or default_cache_root()
+    table = Table(title=f"feature caches in {root}")
+    for col in ("dataset", "feature key", "items", "image dim", "text dim", "complete", "runs"):
+        table.add_column(col, justify="right" if col in ("items", "image dim", "text dim", "runs") else "left")
+    for fc in list_caches(root):
+        m = fc.manifest
+        items = m.get("found", {}).get("counts", {}).get("items")
+        dataset, key = fc.url.rstrip("/").rsplit("/", 2)[-2:]
+        table.add_row(dataset, key, f"{items:,}" if items is not None else "-", _dims(m, "image"), _dims(m, "text"),
+                      "yes" if m.get("complete") else "[yellow]no[/yellow]", str(len(fc.runs())))
+    console.print(table)
+
+
+@cache.command("info")
+@click.argument("target", metavar="PIPELINE-OR-PATH")
+@cache_root_option
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def cache_info(target: str, cache_root: str | None, overrides: tuple[str, ...], as_json: bool) -> None:
+    """The manifest of one cache: what was asked for, what was found, the arrays."""
+    fc = _open_target(target, cache_root, overrides)
+    m = fc.manifest
+    if as_json:
+        click.echo(json.dumps(m, indent=2, sort_keys=True))
+        return
+    req, found = m.get("request", {}), m.get("found", {})
+    image, text, dataset = req.get("image", {}), req.get("text", {}), req.get("dataset", {})
+    table = Table(title=fc.url, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("complete", f"yes (finished {m.get('finished')})" if m.get("complete") else
+                  "[yellow]no[/yellow]: rerun `cfrh extract` to resume")
+    table.add_row("dataset", f"{dataset.get('name')} (reader {dataset.get('reader')}, fingerprint "
+                  f"{dataset.get('fingerprint')})")
+    table.add_row("image model", f"{image.get('model')} @ {image.get('revision')} — {image.get('weights', '')}")
+    if image.get("precision"):
+        table.add_row("precision", f"{image['precision']}" + (f", {image['quantization']}"
+                                                             if image.get("quantization") else ""))
+        pre = image.get("preprocessing", {})
+        table.add_row("preprocessing", f"{pre.get('image_processor_type')}: resize {pre.get('size')}, "
+                      f"crop {pre.get('crop_size')}, mean {pre.get('image_mean')}, std {pre.get('image_std')}")
+        table.add_row("image embedding", str(image.get("embedding")))
+    table.add_row("text", ", ".join(f"{k}={v}" for k, v in text.items()))
+    table.add_row("split", ", ".join(f"{k}={v}" for k, v in req.get("split", {}).items()))
+    for k, v in found.get("counts", {}).items():
+        table.add_row(f"  {k}", f"{v:,}" if isinstance(v, int) else str(v))
+    _drops_rows(table, found.get("dropped", {}))
+    thr = found.get("image", {}).get("throughput")
+    if thr:
+        table.add_row("last run", f"{thr['images']:,} images in {thr['seconds']:.1f} s "
+                      f"({thr['images_per_s']} images/s) on {found['image'].get('device')}")
+    table.add_row("arrays", ", ".join(f"{k} {tuple(v)}" for k, v in m.get("shapes", {}).items()))
+    table.add_row("runs", ", ".join(fc.runs()) or "none")
+    table.add_row("versions", ", ".join(f"{k} {v}" for k, v in found.get("versions", {}).items()))
+    console.print(table)
+
+
+@cache.command("verify")
+@click.argument("targets", nargs=-1, metavar="[PIPELINE-OR-PATH]...")
+@cache_root_option
+@set_option
+def cache_verify(targets: tuple[str, ...], cache_root: str | None, overrides: tuple[str, ...]) -> None:
+    """Re-check every array against the checksums in its manifest (all caches under the root by default).
+    Exits with status 1 when any cache is incomplete or altered."""
+    bad = 0
+    for fc in _caches(targets, cache_root, overrides):
+        problems = fc.verify()
+        if problems:
+            bad += 1
+            console.print(f"[red]FAIL[/red] {fc.url}", highlight=False)
+            for p in problems:
+                console.print(f"  {p}", highlight=False)
+        else:
+            console.print(f"[green]ok[/green]   {fc.url} ({len(fc.manifest.get('checksums', {}))} arrays)",
+                          highlight=False)
+    if bad:
+        console.print(f"[red]{bad} cache(s) with problems[/red]; re-extract them with `cfrh extract PIPELINE "
+                      f"--overwrite`")
+        sys.exit(1)
+
+
+__all__ = ["extract", "cache"]

@@ -1,0 +1,388 @@
+"""Stage 1, ``cfrh extract``: a dataset on disk → one feature cache group (done once, shareable).
+
+Order of work, chosen so that a failed image never leaves a bad row behind:
+
+1. read the dataset (``read_dataset``); work out the request (dataset fingerprint, image model and
+   revision, preprocessing, precision, vectoriser, split protocol) and create or resume the cache;
+2. image features in row blocks into a staging array (``_progress/image_rows``); each block is
+   flagged done only after its rows are stored, so an interrupted run redoes at most one block
+   per interruption and the result equals an uninterrupted run's. Images that fail to decode
+   are remembered with the reason (staging attrs), never stored as features;
+3. the items whose image failed are dropped (counted in the drop report, reason ``image decode
+   failed: <error>``); the splits are drawn over the items that remain; the vocabulary is fitted
+   on their training split; ``image`` is copied from the staging rows that remain;
+4. text, labels, ids, paths, texts, names, vocabulary and splits are written; ``finalize``
+   records checksums and the manifest's ``found`` part and drops the staging data.
+
+Datasets that ship features (WIKI, the DCMH/DJSRH ``.mat`` releases) are imported as they are
+(feature key ``precomputed``); nothing is extracted.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .cache import FeatureCache, feature_key, iter_row_blocks
+from .config import Pipeline
+from .datasets.base import Collection, DropReport, read_dataset
+from .errors import CfrhError
+from .features.text import BowVectoriser
+from .splits import make_splits
+
+log = logging.getLogger(__name__)
+
+STAGING = "_progress/image_rows"
+FEATURE_DEFAULTS: dict[str, Any] = {
+    "image_model": "precomputed", "random_init": False, "seed": 0, "local_files_only": "auto",
+    "device": "auto", "precision": "auto", "batch_size": 32, "workers": "auto", "block_rows": 1024,
+    "text": "auto", "min_df": 1, "max_features": 0,
+}
+VERSIONED = ("cfrh", "torch", "transformers", "zarr", "numpy", "scikit-learn", "pillow", "fsspec")
+
+ImagesCallback = Callable[[int, int, float], None]  # (images done this run, images to do this run, seconds)
+
+
+class ExtractError(CfrhError, RuntimeError):
+    """The pipeline and the dataset do not fit together (e.g. features asked for that the dataset lacks)."""
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction did: the cache, whether it resumed or was already complete, and the manifest's
+    ``found`` part (counts, drop report, throughput, versions)."""
+
+    cache: FeatureCache
+    resumed: bool
+    already_complete: bool
+    found: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        return self.found.get("counts", {})
+
+    @property
+    def dropped(self) -> dict[str, Any]:
+        return self.found.get("dropped", {})
+
+    @property
+    def images_per_s(self) -> float | None:
+        return (self.found.get("image", {}).get("throughput") or {}).get("images_per_s")
+
+
+def feature_settings(pipeline: Pipeline, **overrides: Any) -> dict[str, Any]:
+    """The pipeline's ``[features]`` over the defaults, with non-None keyword overrides (CLI flags) on top."""
+    feats = {**FEATURE_DEFAULTS, **pipeline.features}
+    feats.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(feats) - set(FEATURE_DEFAULTS) - {"binary", "stop_words"}
+    if unknown:
+        raise ExtractError(f"{pipeline.path}: unknown [features] keys {sorted(unknown)}; known: "
+                           f"{', '.join(sorted(set(FEATURE_DEFAULTS) | {'binary', 'stop_words'}))}")
+    for key in ("batch_size", "block_rows"):
+        if not isinstance(feats[key], int) or feats[key] < 1:
+            raise ExtractError(f"features.{key} = {feats[key]!r}; it must be a positive integer")
+    return feats
+
+
+def read_pipeline_dataset(pipeline: Pipeline) -> Collection:
+    """The pipeline's dataset, read by its ``[dataset] reader`` with the table's other keys as options."""
+    options = {k: v for k, v in pipeline.dataset.items() if k not in ("reader", "root")}
+    root = pipeline.dataset.get("root")
+    if not root:
+        raise ExtractError(f"{pipeline.path}: [dataset] needs a 'root' (or pass --set dataset.root=DIR)")
+    return read_dataset(pipeline.dataset["reader"], pipeline.resolve_path(root), **options)
+
+
+def dataset_fingerprint(c: Collection) -> str:
+    """A digest of everything extraction reads from a Collection (ids, texts, relative image paths, labels,
+    shipped features and vocabulary, fixed splits, the reader's own fingerprint), equal on every machine
+    holding the same copy of the dataset."""
+    h = hashlib.sha256()
+
+    def add(tag: str, data: bytes) -> None:
+        h.update(f"{tag}:{len(data)}:".encode() + data)
+
+    add("ids", "\0".join(c.ids).encode())
+    add("texts", "\0".join(c.texts).encode())
+    if c.image_paths is not None:
+        add("paths", "\0".join(relative_paths(c)).encode())
+    for name in ("labels", "image_features", "text_features"):
+        arr = getattr(c, name)
+        if arr is not None:
+            arr = np.ascontiguousarray(arr)
+            add(name, f"{arr.dtype}{arr.shape}".encode() + arr.tobytes())
+    add("label_names", "\0".join(c.label_names).encode())
+    add("vocabulary", "\0".join(c.vocabulary or []).encode())
+    for k, v in sorted((c.fixed_splits or {}).items()):
+        add(f"split:{k}", np.asarray(v, dtype=np.int64).tobytes())
+    add("extra", json.dumps(c.fingerprint_extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def relative_paths(c: Collection) -> list[str]:
+    """Image paths relative to the dataset root (what the cache stores; absolute paths differ per machine)."""
+    root = c.root.resolve()
+    out = []
+    for p in c.image_paths or []:
+        try:
+            out.append(os.path.relpath(p, root).replace(os.sep, "/"))
+        except ValueError:  # another drive on Windows
+            out.append(str(p))
+    bad = [p for p in out if p.startswith("../")]
+    if bad:
+        raise ExtractError(f"{c.root}: reader returned image paths outside the dataset root (e.g. {bad[0]})")
+    return out
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _workers(setting: Any, n_batches: int) -> int:
+    """``auto``: no worker processes for a handful of batches (spawning costs seconds), else up to 4, leaving
+    a core to the model."""
+    if setting not in ("auto", None):
+        return max(0, int(setting))
+    if n_batches < 4:
+        return 0
+    return min(4, max(1, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class _Plan:
+    """What the pipeline asks of this dataset, resolved before the cache is opened."""
+
+    feats: dict[str, Any]
+    spec: Any = None  # ClipSpec for images to extract; None for shipped features
+    device: Any = None
+    precision: str | None = None
+    vectoriser: BowVectoriser | None = None
+
+    def request(self, pipeline: Pipeline, c: Collection) -> dict[str, Any]:
+        dataset = {"name": pipeline.name, "reader": pipeline.dataset["reader"],
+                   "options": {k: v for k, v in pipeline.dataset.items() if k not in ("reader", "root")},
+                   "fingerprint": dataset_fingerprint(c)}
+        if self.spec is not None:
+            from .features.image import QUANTIZATION
+
+            image = {**self.spec.describe(), "precision": self.precision,
+                     "quantization": QUANTIZATION.get(self.precision or "")}
+        else:
+            image = {"model": "precomputed", "shape": list(c.image_features.shape), "dtype": "float32"}
+        text = self.vectoriser.settings() if self.vectoriser is not None else {
+            "kind": "precomputed", "shape": list(c.text_features.shape)}
+        return {"dataset": dataset, "image": image, "text": text, "split": dict(pipeline.split)}
+
+
+def _plan(pipeline: Pipeline, c: Collection, feats: dict[str, Any]) -> _Plan:
+    model = str(feats["image_model"])
+    plan = _Plan(feats=feats)
+    if c.image_features is not None:
+        if model != "precomputed":
+            raise ExtractError(f"{pipeline.path}: the {c.name} reader ships precomputed image features; set "
+                               f"features.image_model = \"precomputed\" (not {model!r})")
+    elif c.image_paths is None:
+        raise ExtractError(f"{c.root}: the dataset gives neither image files nor image features")
+    elif model == "precomputed":
+        raise ExtractError(f"{pipeline.path}: the dataset has image files, so features.image_model must name a "
+                           f"CLIP model (a hub id such as openai/clip-vit-base-patch32, or a local directory)")
+    else:
+        from .features.image import resolve_clip, resolve_device, resolve_precision
+
+        lfo = feats["local_files_only"]
+        plan.spec = resolve_clip(model, local_files_only=None if lfo == "auto" else bool(lfo),
+                                 random_init=bool(feats["random_init"]), seed=int(feats["seed"]))
+        plan.device = resolve_device(feats["device"])
+        plan.precision = resolve_precision(feats["precision"], plan.device)
+    if c.text_features is None:
+        plan.vectoriser = BowVectoriser.from_settings(feats, c.text_kind, c.vocabulary)
+    return plan
+
+
+def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: ImagesCallback | None,
+                    ) -> tuple[dict[int, str], dict[str, Any]]:
+    """Image embeddings of every row into the staging array, block by block (resumable).
+    Returns (failed row → reason, what this run did: device, precision, throughput)."""
+    from .features.image import ImageBatches, image_loader, load_clip
+
+    n, dim = len(c), plan.spec.dim
+    block_rows, batch_size = int(plan.feats["block_rows"]), int(plan.feats["batch_size"])
+    staging = cache.require_array(STAGING, (n, dim), np.float16, chunk_rows=block_rows)
+    blocks = list(iter_row_blocks(n, block_rows))
+    done = cache.blocks_done("image", len(blocks))
+    failures = {int(k): str(v) for k, v in dict(staging.attrs.get("failures", {})).items()}
+    pending = [blk for blk in blocks if not done[blk[0]]]
+    if not pending:
+        return failures, {}
+    # Batches never cross a block boundary, so a redone block sees exactly the batches it saw before.
+    batches = [np.arange(s, min(s + batch_size, e)) for _, start, e in pending for s in range(start, e, batch_size)]
+    total = sum(e - s for _, s, e in pending)
+    workers = _workers(plan.feats["workers"], len(batches))
+    dataset = ImageBatches([str(p) for p in c.image_paths or []], batches, plan.spec.processor,
+                           plan.spec.pixel_shape)
+    batches_iter = iter(image_loader(dataset, workers, pin_memory=plan.device.type == "cuda"))
+    # Workers are decoding the first batches already while the weights load.
+    encoder = load_clip(plan.spec, plan.device, plan.precision)
+    log.info("extracting %d images in %d blocks (%s, %s, %d workers)", total, len(pending), encoder.device,
+             encoder.precision, workers)
+    t0 = time.perf_counter()
+    n_done = 0
+    try:
+        block_iter = iter(pending)
+        b, start, stop = next(block_iter)
+        buf = np.zeros((stop - start, dim), dtype=np.float16)
+        filled, block_failures = 0, {}
+        for rows, pixels, errors in batches_iter:
+            rows = np.asarray(rows, dtype=np.int64)  # the DataLoader hands numpy arrays back as tensors
+            emb = encoder.embed(pixels).numpy()
+            reasons = np.asarray(errors, dtype=object)
+            reasons[(reasons == "") & ~np.isfinite(emb).all(axis=1)] = "image embedding not finite"
+            bad = reasons != ""
+            emb[bad] = 0.0
+            buf[rows - start] = emb
+            block_failures.update(zip(rows[bad].tolist(), reasons[bad].tolist()))
+            filled += len(rows)
+            n_done += len(rows)
+            if filled == stop - start:
+                staging[start:stop] = buf
+                if block_failures:
+                    failures.update(block_failures)
+                    staging.attrs["failures"] = {str(k): v for k, v in sorted(failures.items())}
+                cache.mark_block_done("image", b)
+                nxt = next(block_iter, None)
+                if nxt is not None:
+                    b, start, stop = nxt
+                    buf = np.zeros((stop - start, dim), dtype=np.float16)
+                    filled, block_failures = 0, {}
+            if on_images is not None:
+                on_images(n_done, total, time.perf_counter() - t0)
+    finally:
+        del batches_iter  # shuts the worker processes down, also when interrupted
+    seconds = time.perf_counter() - t0
+    return failures, {**encoder.info, "workers": workers, "batch_size": batch_size,
+                      "throughput": {"images": n_done, "seconds": round(seconds, 3),
+                                     "images_per_s": round(n_done / seconds, 3) if seconds > 0 else None}}
+
+
+def _write_image(cache: FeatureCache, kept: np.ndarray, dim: int, block_rows: int) -> None:
+    """``image`` = the staging rows of the kept items (all of them when nothing failed), block by block."""
+    out = cache.require_array("image", (len(kept), dim), np.float16, chunk_rows=block_rows)
+    for _, s, e in iter_row_blocks(len(kept), block_rows):
+        rows = kept[s:e]
+        contiguous = rows[-1] - rows[0] == len(rows) - 1
+        out[s:e] = cache.read(STAGING, slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows)
+
+
+def _shipped(arr: np.ndarray, name: str, root: Any) -> np.ndarray:
+    """Shipped features as stored: uint8 when they are small non-negative integers (binary tag vectors),
+    else float32 (exact for the .mat releases' float32/float64 data at feature precision)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ExtractError(f"{root}: the dataset's {name} contain NaN or infinite values; fix the file")
+    if arr.dtype.kind in "biu" or (arr.size and np.array_equal(arr, np.round(arr))):
+        if arr.size == 0 or (arr.min() >= 0 and arr.max() <= 255):
+            return arr.astype(np.uint8)
+    return arr.astype(np.float32)
+
+
+def _write_text(cache: FeatureCache, c: Collection, vec: BowVectoriser | None, train: np.ndarray,
+                block_rows: int) -> dict[str, Any]:
+    if vec is None:
+        data = _shipped(c.text_features, "text features", c.root)
+        cache.write("text", data, chunk_rows=block_rows)
+        return {"text_dim": int(data.shape[1]), "empty_text_rows": int((data == 0).all(axis=1).sum())}
+    vec.fit([c.texts[i] for i in train])
+    counts = vec.transform(c.texts)
+    out = cache.require_array("text", counts.shape, np.uint8, chunk_rows=block_rows)
+    for _, s, e in iter_row_blocks(counts.shape[0], block_rows):
+        out[s:e] = counts[s:e].toarray().astype(np.uint8)
+    cache.write("vocabulary", list(vec.vocabulary or []))
+    empty = int((counts.getnnz(axis=1) == 0).sum())
+    if empty:
+        log.warning("%d items have no in-vocabulary word; their text rows are all zero", empty)
+    return {"text_dim": int(counts.shape[1]), "empty_text_rows": empty}
+
+
+def extract(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, overwrite: bool = False, *,
+            model: str | None = None, device: str | None = None, precision: str | None = None,
+            batch_size: int | None = None, workers: int | str | None = None,
+            on_images: ImagesCallback | None = None) -> ExtractResult:
+    """Extract (or import) a pipeline's features into ``<cache_root>/<pipeline.name>/<feature key>``.
+
+    Resumes an interrupted extraction with the same request; a cache built with another request fails
+    with the differing settings unless ``overwrite``. Keyword arguments override ``[features]``.
+    """
+    feats = feature_settings(pipeline, image_model=model, device=device, precision=precision,
+                             batch_size=batch_size, workers=workers)
+    c = read_pipeline_dataset(pipeline)
+    if len(c) == 0:
+        raise ExtractError(f"{c.root}: the reader found no usable items (dropped: {c.dropped.counts})")
+    plan = _plan(pipeline, c, feats)
+    key = feature_key(str(feats["image_model"]))
+    cache, resumed = FeatureCache.create(cache_root, pipeline.name, key, plan.request(pipeline, c), overwrite)
+    if cache.is_complete:
+        log.info("%s is complete; nothing to do (use --overwrite to re-extract)", cache.url)
+        return ExtractResult(cache, resumed=True, already_complete=True, found=cache.manifest.get("found", {}))
+    log.info("%s %s", "resuming" if resumed else "writing", cache.url)
+
+    block_rows = int(feats["block_rows"])
+    failures: dict[int, str] = {}
+    image_run: dict[str, Any] = {}
+    if plan.spec is not None:
+        failures, image_run = _extract_images(cache, c, plan, on_images)
+    dropped = DropReport(list(c.dropped.entries))
+    for row, reason in sorted(failures.items()):
+        dropped.add(c.ids[row], reason)
+    kept = np.setdiff1d(np.arange(len(c)), np.fromiter(failures, dtype=np.int64, count=len(failures)))
+    if kept.size == 0:
+        raise ExtractError(f"{c.root}: no image could be decoded ({dropped.counts}); check the image files")
+    items = c.subset(kept) if failures else c
+
+    splits = make_splits(len(items), pipeline.split, labels=items.labels, fixed=items.fixed_splits)
+    if plan.spec is not None:
+        _write_image(cache, kept, plan.spec.dim, block_rows)
+        image_dim = plan.spec.dim
+    else:
+        data = _shipped(items.image_features, "image features", c.root).astype(np.float32)
+        cache.write("image", data, chunk_rows=block_rows)
+        image_dim = int(data.shape[1])
+    text_counts = _write_text(cache, items, plan.vectoriser, splits["train"], block_rows)
+    cache.write("ids", list(items.ids))
+    cache.write("texts", list(items.texts))
+    if items.image_paths is not None:
+        cache.write("paths", relative_paths(items))
+    if items.labels is not None:
+        cache.write("labels", items.labels, chunk_rows=block_rows)
+    if items.label_names:
+        cache.write("label_names", list(items.label_names))
+    for part, rows in splits.items():
+        cache.write(f"splits/{part}", rows)
+
+    found = {
+        "counts": {"items": len(items), "image_dim": image_dim, **text_counts,
+                   "labels": int(items.labels.shape[1]) if items.labels is not None else 0,
+                   **{part: int(len(rows)) for part, rows in splits.items()},
+                   "dropped": len(dropped), "image_failures": len(failures)},
+        "dropped": dropped.to_dict(),
+        "dataset": {"root": str(c.root), "reader_fingerprint": c.fingerprint_extra},
+        "image": {"model_source": plan.spec.source, "processor_class": type(plan.spec.processor).__name__,
+                  **image_run} if plan.spec is not None else {"source": "shipped with the dataset"},
+        "versions": package_versions(),
+    }
+    cache.finalize(found=found)
+    log.info("finished %s: %d items", cache.url, len(items))
+    return ExtractResult(cache, resumed=resumed, already_complete=False, found=found)

@@ -1,0 +1,397 @@
+"""The CLIP image tower: load a checkpoint (hub id or local directory), preprocess with the
+model's own image processor, and turn images into L2-normalised projection embeddings.
+
+Only the vision half of a CLIP checkpoint is loaded (``CLIPVisionModelWithProjection``): the
+text tower is never used, because CFRH represents texts as bags of words. Loading is split in
+two so that extraction can start decoding images while the weights load:
+
+* :func:`resolve_clip` reads what is cheap (config, image processor, revision) and is enough
+  to write the cache manifest;
+* :func:`load_clip` then builds the model on a device, in a precision, optionally with
+  dynamic int8 quantisation of its Linear layers (CPU only).
+
+``random_init`` builds the real architecture from a config-only directory with seeded random
+weights; the result is flagged ``weights: random-init`` everywhere it is recorded, since its
+embeddings carry no meaning (benchmarks and demos only).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import CfrhError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+# Processor settings that change the pixels a model sees (the manifest records these, not class names,
+# which differ between transformers 4.x and 5.x for the same preprocessing).
+QUANTIZATION = {"int8": "dynamic int8 (torch.ao quantize_dynamic, Linear layers)"}
+_PREPROCESSING_KEYS = ("image_processor_type", "do_resize", "size", "resample", "do_center_crop", "crop_size",
+                       "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
+class ModelLoadError(CfrhError, OSError):
+    """An image model cannot be found or loaded; the message says where to point instead."""
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", ".", "~")) or Path(model).expanduser().exists()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load-time chatter (unused text-tower weights, processor backend notes)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0].rstrip(".") if text else type(err).__name__
+
+
+def _hub_error(model: str, err: BaseException, offline: bool) -> ModelLoadError:
+    why = ("offline mode is on (HF_HUB_OFFLINE / local_files_only) and it is not in the local Hugging Face cache"
+           if offline else f"the Hugging Face hub could not be reached or has no such model ({_first_line(err)})")
+    return ModelLoadError(
+        f"cannot load image model {model!r}: {why}; download it where the hub is reachable "
+        f"(`hf download {model} --local-dir DIR`) and point at that directory with --model DIR "
+        f"(or features.image_model = \"DIR\" in the pipeline)")
+
+
+def _from_pretrained(loader: Any, model: str, local_files_only: bool | None, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` for a local directory or a hub id: the local HF cache first (no network
+    when the files are there), the hub only when not offline; hub failures become one-line errors."""
+    if _looks_like_path(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: model directory not found; give an existing checkpoint directory "
+                                 f"or a hub id such as openai/clip-vit-base-patch32")
+        with _quiet_transformers():
+            return loader.from_pretrained(str(path.resolve()), local_files_only=True, **kwargs)
+    offline = _offline_env() if local_files_only is None else bool(local_files_only)
+    try:
+        with _quiet_transformers():
+            return loader.from_pretrained(model, local_files_only=True, **kwargs)
+    except OSError as err:
+        if offline:
+            raise _hub_error(model, err, offline=True) from None
+    try:
+        with _quiet_transformers():
+            return loader.from_pretrained(model, **kwargs)
+    except OSError as err:
+        raise _hub_error(model, err, offline=False) from None
+
+
+def _hub_commit(model: str) -> str | None:
+    """The commit hash of a hub model's files in the local HF cache (``snapshots/<hash>/``), if known."""
+    try:
+        from transformers.utils import cached_file
+
+        path = cached_file(model, "config.json", local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure just means "unknown"
+        return None
+    m = re.search(r"snapshots[\\/]([0-9a-f]{40})[\\/]", str(path or ""))
+    return m.group(1) if m else None
+
+
+def _weights_digest(directory: Path) -> str | None:
+    """sha256 of a local checkpoint's weight files: the revision of a model that has no hub commit."""
+    files = [directory / f for f in _WEIGHT_FILES if (directory / f).is_file()]
+    files += sorted(p for p in directory.glob("model-*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def preprocessing_summary(processor: Any) -> dict[str, Any]:
+    """The settings of an image processor that determine the pixels the model sees."""
+    d = processor.to_dict()
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k in _PREPROCESSING_KEYS}
+
+
+@dataclass
+class ClipSpec:
+    """What is known about an image model before its weights are loaded: enough for the manifest."""
+
+    model: str  # as given: hub id or local directory
+    source: str  # what from_pretrained is called with (absolute directory, or the hub id)
+    config: Any  # CLIPVisionConfig
+    processor: Any  # the model's own image processor
+    revision: str | None
+    random_init: bool = False
+    seed: int = 0
+    local_files_only: bool | None = None
+    local: bool = False
+
+    @property
+    def dim(self) -> int:
+        return int(self.config.projection_dim)
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of the processor's output, found by running it once on a blank image."""
+        out = self.processor(images=Image.new("RGB", (64, 48)), return_tensors="np")["pixel_values"]
+        return tuple(int(x) for x in np.asarray(out).shape[1:])  # type: ignore[return-value]
+
+    def describe(self) -> dict[str, Any]:
+        """The model part of a cache request: identity, revision, weights, preprocessing, output."""
+        # A local directory is named by its folder (its path differs per machine; the revision identifies it).
+        name = Path(self.source).name if self.local else self.model
+        return {"model": name, "revision": self.revision,
+                "weights": f"random-init (untrained, seed {self.seed})" if self.random_init else "pretrained",
+                "architecture": {"model_type": self.config.model_type, "image_size": self.config.image_size,
+                                 "patch_size": self.config.patch_size, "hidden_size": self.config.hidden_size,
+                                 "layers": self.config.num_hidden_layers, "projection_dim": self.dim},
+                "preprocessing": preprocessing_summary(self.processor),
+                "embedding": "CLIP visual projection, L2-normalised, stored float16"}
+
+
+def resolve_clip(model: str, *, local_files_only: bool | None = None, random_init: bool = False,
+                 seed: int = 0) -> ClipSpec:
+    """Config, image processor and revision of a CLIP checkpoint (hub id or directory); no weights yet."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    model = str(model)
+    config = _from_pretrained(AutoConfig, model, local_files_only)
+    if config.model_type == "clip":
+        # The projection size lives on the top-level config; the vision sub-config's default (512) may differ.
+        full, config = config, config.vision_config
+        config.projection_dim = full.projection_dim
+    elif config.model_type != "clip_vision_model":
+        raise ModelLoadError(f"{model}: a {config.model_type!r} checkpoint; cfrh extracts image features with "
+                             f"CLIP checkpoints (e.g. openai/clip-vit-base-patch32)")
+    processor = _from_pretrained(AutoImageProcessor, model, local_files_only)
+    local = _looks_like_path(model)
+    source = str(Path(model).expanduser().resolve()) if local else model
+    if random_init:
+        revision = _hub_commit(model) if not local else None
+        revision = f"config {revision}" if revision else "config only"
+    else:
+        revision = _weights_digest(Path(source)) if local else _hub_commit(model)
+        if local and revision is None:
+            raise ModelLoadError(f"{source}: no weights here ({' / '.join(_WEIGHT_FILES[::2])}); save a "
+                                 f"checkpoint with save_pretrained, or use random_init = true for an untrained "
+                                 f"model (benchmarks only)")
+    return ClipSpec(model=model, source=source, config=config, processor=processor, revision=revision,
+                    random_init=random_init, seed=seed, local_files_only=local_files_only, local=local)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` is the GPU when one is present, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(device))
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but torch sees no GPU; use --device cpu")
+    return dev
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """``auto`` is fp16 on a GPU and fp32 on the CPU; int8 (dynamic quantisation) exists on the CPU only."""
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "int8" and device.type != "cpu":
+        raise ModelLoadError("precision int8 (dynamic quantisation) runs on the CPU only; use --device cpu "
+                             "or fp16/bf16 on the GPU")
+    return precision
+
+
+def image_embeddings(output: Any) -> torch.Tensor:
+    """The projected image embeddings from any CLIP image call: a tensor (transformers 4.x
+    ``get_image_features``), a ModelOutput with ``image_embeds`` (``CLIPVisionModelWithProjection``), or one
+    whose ``pooler_output`` holds the projection (transformers 5.x ``get_image_features``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    embeds = getattr(output, "image_embeds", None)
+    if embeds is None:
+        embeds = getattr(output, "pooler_output", None)
+    if embeds is None:
+        raise TypeError(f"no image embeddings in a {type(output).__name__}")
+    return embeds
+
+
+@dataclass
+class ClipImageEncoder:
+    """A loaded CLIP image tower on one device, in one precision."""
+
+    spec: ClipSpec
+    model: torch.nn.Module
+    device: torch.device
+    precision: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @property
+    def processor(self) -> Any:
+        return self.spec.processor
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(B, 3, H, W) float32 pixels, exactly as the model's own processor prepares them."""
+        return torch.from_numpy(np.asarray(
+            self.processor(images=[im.convert("RGB") for im in images], return_tensors="np")["pixel_values"],
+            dtype=np.float32))
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels → (B, D) float32 L2-normalised embeddings on the CPU."""
+        with torch.inference_mode():
+            pv = pixel_values.to(self.device, _DTYPES[self.precision], non_blocking=True)
+            if hasattr(self.model, "get_image_features"):
+                out = self.model.get_image_features(pixel_values=pv)
+            else:
+                out = self.model(pixel_values=pv)
+            return F.normalize(image_embeddings(out).float(), dim=-1).cpu()
+
+    def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """PIL images → (B, D) float16 embeddings, the same values extraction stores."""
+        return self.embed(self.preprocess(images)).numpy().astype(np.float16)
+
+
+def load_clip(model: str | ClipSpec, device: str | torch.device | None = "auto", precision: str | None = "auto",
+              *, local_files_only: bool | None = None, random_init: bool = False, seed: int = 0) -> ClipImageEncoder:
+    """Load a CLIP image tower for feature extraction.
+
+    ``model``: a hub id (e.g. ``openai/clip-vit-base-patch32``), a local checkpoint directory, or a
+    :class:`ClipSpec` from :func:`resolve_clip`. ``precision``: auto | fp32 | fp16 | bf16 | int8 (dynamic
+    quantisation of the Linear layers, CPU). ``random_init`` builds the architecture with seeded random
+    weights (untrained; flagged as such). Hub ids are looked up in the local HF cache first and fetched
+    only when not offline (``local_files_only`` or ``HF_HUB_OFFLINE=1``).
+    """
+    from transformers import CLIPVisionModelWithProjection
+
+    spec = model if isinstance(model, ClipSpec) else resolve_clip(
+        model, local_files_only=local_files_only, random_init=random_init, seed=seed)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    if spec.random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            net = CLIPVisionModelWithProjection(spec.config)
+    else:
+        net, loading = _from_pretrained(CLIPVisionModelWithProjection, spec.source, spec.local_files_only,
+                                        config=spec.config, output_loading_info=True)
+        if loading.get("missing_keys"):
+            missing = sorted(loading["missing_keys"])
+            raise ModelLoadError(f"{spec.model}: checkpoint lacks {len(missing)} image-tower weights "
+                                 f"(e.g. {missing[0]}); it is not a complete CLIP checkpoint")
+    net = net.eval().requires_grad_(False)
+    info: dict[str, Any] = {"device": str(dev), "precision": prec, "quantization": QUANTIZATION.get(prec)}
+    if prec == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
+    else:
+        net = net.to(dev, _DTYPES[prec])
+    return ClipImageEncoder(spec=spec, model=net, device=dev, precision=prec, info=info)
+
+
+# -- decoding in DataLoader workers -------------------------------------------------------------
+class ImageBatches(torch.utils.data.Dataset):
+    """Item k decodes and preprocesses the k-th batch of files, so workers overlap the model.
+
+    Returns ``(rows, pixels, errors)``: ``errors[i]`` is "" for a good image, else why it failed
+    (its pixels are zeros and must not be used). Holds no Zarr object, so it pickles into spawned
+    workers cleanly.
+    """
+
+    def __init__(self, paths: Sequence[str], batches: Sequence[np.ndarray], processor: Any,
+                 pixel_shape: tuple[int, int, int]):
+        self.paths = [str(p) for p in paths]
+        self.batches = [np.asarray(b, dtype=np.int64) for b in batches]
+        self.processor = processor
+        self.pixel_shape = tuple(pixel_shape)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _pixels(self, images: list[Image.Image]) -> np.ndarray:
+        return np.asarray(self.processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
+
+    def __getitem__(self, k: int) -> tuple[np.ndarray, torch.Tensor, list[str]]:
+        rows = self.batches[k]
+        pixels = np.zeros((len(rows), *self.pixel_shape), dtype=np.float32)
+        errors = [""] * len(rows)
+        images, good = [], []
+        for i, row in enumerate(rows.tolist()):
+            try:
+                with Image.open(self.paths[row]) as im:
+                    images.append(im.convert("RGB"))  # forces the full decode: truncated files fail here
+                good.append(i)
+            except Exception as err:  # noqa: BLE001 - any decode failure is a counted drop
+                errors[i] = f"image decode failed: {type(err).__name__}"
+        if images:
+            try:
+                pixels[good] = self._pixels(images)
+            except Exception:  # noqa: BLE001 - isolate the image the processor rejects
+                for i, im in zip(good, images):
+                    try:
+                        pixels[i] = self._pixels([im])[0]
+                    except Exception as err:  # noqa: BLE001
+                        errors[i] = f"image preprocessing failed: {type(err).__name__}"
+        return rows, torch.from_numpy(pixels), errors
+
+
+def image_loader(dataset: ImageBatches, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`ImageBatches` (one item = one batch), in order. Workers are spawned,
+    not forked: Zarr's asyncio thread and a forked child do not mix."""
+    kwargs: dict[str, Any] = {}
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    if workers > 0 and main_file and not os.path.exists(main_file) and getattr(main, "__spec__", None) is None:
+        # A script read from stdin cannot be re-imported by a spawned worker: decode in this process.
+        log.warning("decoding images in the main process: workers cannot be spawned from %s", main_file)
+        workers = 0
+    if workers > 0:
+        kwargs = {"multiprocessing_context": "spawn", "prefetch_factor": 2}
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                       pin_memory=pin_memory, **kwargs)
