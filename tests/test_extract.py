@@ -15,7 +15,7 @@ from cfrh.cli import cli
 from cfrh.config import load_pipeline
 from cfrh.datasets import load_all
 from cfrh.datasets.base import READERS, Collection, DropReport, read_dataset, register
-from cfrh.extract import ExtractError, extract
+from cfrh.extract import ExtractError, extract, model_location
 from cfrh.features.image import load_clip
 from cfrh.features.text import BowVectoriser
 from clip_fixtures import make_tiny_clip
@@ -176,6 +176,16 @@ def test_pipeline_and_dataset_must_agree_on_image_features(tiny_clip, dataset_di
         extract(pipe, tmp_path / "cache")
     with pytest.raises(ExtractError, match="unknown \\[features\\] keys"):
         extract(load_pipeline(pipe.path, ["features.batchsize=3"]), tmp_path / "cache")
+
+
+def test_model_paths_resolve_like_other_pipeline_paths(tmp_path, monkeypatch):
+    pipe = load_pipeline("demo")
+    repo = pipe.path.parent.parent
+    assert model_location(pipe, "openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"  # a hub id
+    assert model_location(pipe, "../shared/models/x") == str((repo / "../shared/models/x").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert model_location(pipe, "./m", from_pipeline=False) == str(tmp_path / "m")  # --model: the cwd
+    assert model_location(pipe, "precomputed") == "precomputed"
 
 
 @pytest.mark.slow

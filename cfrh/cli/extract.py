@@ -12,9 +12,8 @@ from rich.table import Table
 
 from ..cache import CacheError, FeatureCache, default_cache_root, list_caches, open_pipeline_cache
 from ..config import Pipeline, load_pipeline
+from ..features.image import PRECISIONS
 from .common import cli, console, pipeline_options, progress
-
-PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8")
 
 
 def _drops_rows(table: Table, dropped: dict[str, Any]) -> None:
@@ -28,7 +27,7 @@ def _drops_rows(table: Table, dropped: dict[str, Any]) -> None:
 @click.option("--model", default=None, help="CLIP model: a hub id or a local checkpoint directory "
                                             "(overrides features.image_model).")
 @click.option("--device", default=None, help="auto (GPU when present), cpu, cuda, cuda:N.")
-@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="auto: fp16 on a GPU, fp32 on the CPU; int8: dynamic quantisation of Linear layers (CPU).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per model call.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
