@@ -1,0 +1,442 @@
+"""Retrieval metrics over packed codes: mAP@all, mAP@K, precision@K, top-N precision, PR over Hamming radius.
+
+Everything comes from one fused numba pass per query (parallel over queries), which never
+materialises a query × database distance matrix, so a 2,100 × 190,000 evaluation needs a few
+MB besides the codes. Per query:
+
+1. one pass over the database in row order: Hamming distance (XOR + popcount,
+   :func:`cfrh.codes.popcount64`), relevance (the query and item share a label: AND of packed
+   label words), a per-distance histogram of all and of relevant items;
+2. a second pass in row order with per-distance running counters gives every relevant item's
+   exact rank and hit number without sorting: rank = (items at smaller distances) + (items at
+   the same distance up to this row), hit = the same count over relevant items.
+
+**Tie rule** (``ties="stable"``): items at equal Hamming distance keep database order, i.e. the
+ranking is by (distance, database row). This is what a stable sort gives; DJSRH/JDSH/UCMFH's
+``torch.sort`` and DCMH's ``np.argsort`` are not stable, so their ties fall in an
+implementation-defined order and their numbers can move with it. ``ties="expected"`` gives the
+tie-aware value instead: the expectation over all orders of equal-distance items (McSherry &
+Najork, ECIR 2008), in closed form from the per-distance counts. For a bucket of ``n`` items,
+``r`` relevant, after ``A`` items of which ``B`` relevant, position ``p`` of the bucket holds a
+relevant item with probability r/n, and then the expected number of hits up to it is
+``B + 1 + (p-1)(r-1)/(n-1)`` (hypergeometric), so the bucket adds
+``(r/n) Σ_p (B + 1 + (p-1)(r-1)/(n-1)) / (A + p)`` to AP's numerator (a harmonic-number difference).
+
+**Definitions** (relevant = shares at least one label; R = relevant items in the database):
+
+* AP@all = (1/R) Σ over relevant items of hit/rank. A query with R = 0 scores 0 and still counts
+  in the mean, as DCMH/DJSRH/JDSH's ``calc_map`` do.
+* AP@K has three conventions in the field (``rule``):
+
+  - ``"djsrh"`` (default; DJSRH/JDSH/UCMFH's ``calc_map_k``, hence the published mAP@50 numbers):
+    the mean of hit/rank over the first min(K, R) relevant items, wherever they rank;
+  - ``"standard"``: Σ over relevant items ranked ≤ K of hit/rank, divided by min(K, R);
+  - ``"retrieved"`` (DPSH/ADSH's ``calc_topMap``): the same sum divided by the number of relevant
+    items in the top K (0 when there are none). Not linear in the ranking, so no tie-aware value.
+
+* P@K = relevant items among the top K / K; top-N precision is P@N over a list of N.
+* PR over Hamming radius t = 0..bits: precision(t) = hits within radius t / items within radius t,
+  averaged over the queries that retrieve something at that radius; recall(t) = hits within t / R,
+  averaged over queries with R > 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numba
+import numpy as np
+from scipy.special import digamma
+
+from .codes import as_words, popcount64
+from .errors import CfrhError
+
+RULES = ("djsrh", "standard", "retrieved")
+TIES = ("stable", "expected")
+_DIRECT_SUM = 256  # bucket sums over at most this many positions are summed term by term (exact)
+_MAX_BITS = 2**15 - 1  # distances and the relevance bit share a uint16 per database item
+
+
+class MetricError(CfrhError, ValueError):
+    """Codes, labels or cut-offs that do not fit together; the message says which and how."""
+
+
+# -- the fused kernel ------------------------------------------------------------------------------
+@numba.njit(cache=True, inline="always")
+def _bucket_sum(a: int, b: int, n: int, r: int, m: int, harmonic: np.ndarray) -> float:
+    """Σ_{p=1..m} (r/n)(b + 1 + (p-1)(r-1)/(n-1)) / (a + p): the tie-aware precision sum of the first m
+    positions of a bucket of n items (r relevant) that follows a items (b relevant)."""
+    if r == 0 or m <= 0:
+        return 0.0
+    c1 = (r - 1) / (n - 1) if n > 1 else 0.0
+    c0 = b + 1.0 - c1
+    if m <= _DIRECT_SUM:
+        s = 0.0
+        for p in range(1, m + 1):
+            s += (c0 + c1 * p) / (a + p)
+    else:
+        s = c1 * m + (c0 - c1 * a) * (harmonic[a + m] - harmonic[a])
+    return s * r / n
+
+
+@numba.njit(cache=True)
+def _first_hits_partial(a: int, b: int, n: int, r: int, mp: int) -> float:
+    """E[Σ_{j=1..mp} (b + j) / (a + pos_j)] where pos_j is the position of the j-th relevant item of a
+    bucket of n items (r relevant, mp < r) in a uniformly random order: the tie-aware share of the
+    bucket in which the "djsrh" AP@K stops counting. A Markov chain over hits-so-far (< mp)."""
+    prob = np.zeros(mp)
+    prob[0] = 1.0
+    alive = 1.0
+    total = 0.0
+    for p in range(1, n - r + mp + 1):
+        remaining = n - p + 1
+        s = 0.0
+        for l in range(min(mp - 1, p - 1), -1, -1):
+            move = prob[l] * (r - l) / remaining
+            s += move * (b + l + 1)
+            prob[l] -= move
+            if l + 1 < mp:
+                prob[l + 1] += move
+            else:
+                alive -= move
+        total += s / (a + p)
+        if alive < 1e-18:  # every path has found its mp-th hit; what is left cannot move the sum
+            break
+    return total
+
+
+@numba.njit(cache=True)
+def _distance_relevance(qc, dc, ql, dl, buf):
+    """buf[j] = 2 · Hamming distance + relevance of database item j (a loop LLVM vectorises)."""
+    ndb, nw, nlw = dc.shape[0], dc.shape[1], dl.shape[1]
+    if nw == 1 and nlw == 1:  # codes of <= 64 bits and <= 64 classes: the common case, one word each
+        q0, l0 = qc[0], ql[0]
+        for j in range(ndb):
+            buf[j] = np.uint16(popcount64(q0 ^ dc[j, 0]) * 2 + ((l0 & dl[j, 0]) != 0))
+    else:
+        for j in range(ndb):
+            d = 0
+            for w in range(nw):
+                d += popcount64(qc[w] ^ dc[j, w])
+            r = 0
+            for w in range(nlw):
+                r |= (ql[w] & dl[j, w]) != 0
+            buf[j] = np.uint16(d * 2 + r)
+
+
+@numba.njit(cache=True)
+def _histogram(buf, nv):
+    """Counts of each value of buf; four interleaved tables keep increments from waiting on each other."""
+    h = np.zeros((4, nv), np.int64)
+    n4 = buf.shape[0] // 4 * 4
+    for j in range(0, n4, 4):
+        h[0, buf[j]] += 1
+        h[1, buf[j + 1]] += 1
+        h[2, buf[j + 2]] += 1
+        h[3, buf[j + 3]] += 1
+    for j in range(n4, buf.shape[0]):
+        h[0, buf[j]] += 1
+    return h[0] + h[1] + h[2] + h[3]
+
+
+@numba.njit(parallel=True, cache=True)
+def _retrieval_kernel(q_codes, db_codes, q_labels, db_labels, ks, first_hits_exp, harmonic,
+                      n_rel, ap, ap_exp, hits_k, rank_sum_k, hit_sum_k, hits_k_exp, std_sum_k_exp, first_sum_k_exp,
+                      hist_all, hist_rel):  # pragma: no cover - compiled
+    nq = q_codes.shape[0]
+    ndb = db_codes.shape[0]
+    nb = hist_all.shape[1]
+    nk = ks.shape[0]
+    kmax = ks[nk - 1] if nk > 0 else 0
+    for i in numba.prange(nq):
+        # pass 1: v = 2 · distance + relevance for every database item, and the histogram of v
+        buf = np.empty(ndb, np.uint16)
+        _distance_relevance(q_codes[i], db_codes, q_labels[i], db_labels, buf)
+        h = _histogram(buf, 2 * nb)
+        cnt = h[0::2] + h[1::2]
+        rel = h[1::2].copy()
+        before = np.zeros(nb, np.int64)
+        before_rel = np.zeros(nb, np.int64)
+        for d in range(1, nb):
+            before[d] = before[d - 1] + cnt[d - 1]
+            before_rel[d] = before_rel[d - 1] + rel[d - 1]
+        total_rel = before_rel[nb - 1] + rel[nb - 1]
+        hist_all[i] = cnt
+        hist_rel[i] = rel
+        n_rel[i] = total_rel
+        if total_rel == 0:
+            continue  # outputs were zeroed by the caller
+
+        # pass 2, in database order: seen[v] counts the items of value v so far, which gives each relevant
+        # item's exact rank and hit number under the stable rule without sorting
+        seen = np.zeros(2 * nb, np.int64)
+        k_hits = np.zeros(nk + 1, np.int64)
+        k_rank_sum = np.zeros(nk + 1)
+        k_hit_sum = np.zeros(nk + 1)
+        s = 0.0
+        for j in range(ndb):
+            v = buf[j]
+            seen[v] += 1
+            if v & 1:
+                d = v >> 1
+                hit = before_rel[d] + seen[v]
+                rank = before[d] + seen[v - 1] + seen[v]
+                prec = hit / rank
+                s += prec
+                if rank <= kmax:  # first K with K >= rank
+                    lo = 0
+                    while ks[lo] < rank:
+                        lo += 1
+                    k_hits[lo] += 1
+                    k_rank_sum[lo] += prec
+                if hit <= kmax:
+                    lo = 0
+                    while ks[lo] < hit:
+                        lo += 1
+                    k_hit_sum[lo] += prec
+        ap[i] = s / total_rel
+        acc_h = 0
+        acc_r = 0.0
+        acc_f = 0.0
+        for k in range(nk):
+            acc_h += k_hits[k]
+            acc_r += k_rank_sum[k]
+            acc_f += k_hit_sum[k]
+            hits_k[i, k] = acc_h
+            rank_sum_k[i, k] = acc_r
+            hit_sum_k[i, k] = acc_f
+
+        # tie-aware expectations from the histograms alone
+        full = np.zeros(nb)
+        e = 0.0
+        for d in range(nb):
+            full[d] = _bucket_sum(before[d], before_rel[d], cnt[d], rel[d], cnt[d], harmonic)
+            e += full[d]
+        ap_exp[i] = e / total_rel
+        for k in range(nk):
+            kk = ks[k]
+            m = min(kk, total_rel)
+            h = 0.0
+            std = 0.0
+            first = 0.0
+            for d in range(nb):
+                a, b, n, r = before[d], before_rel[d], cnt[d], rel[d]
+                if n == 0:
+                    continue
+                if a < kk:  # this bucket reaches into the top K
+                    take = min(n, kk - a)
+                    h += take * r / n
+                    std += full[d] if take == n else _bucket_sum(a, b, n, r, take, harmonic)
+                if first_hits_exp[k] and b < m:  # this bucket holds some of the first m hits
+                    first += full[d] if b + r <= m else _first_hits_partial(a, b, n, r, m - b)
+            hits_k_exp[i, k] = h
+            std_sum_k_exp[i, k] = std
+            first_sum_k_exp[i, k] = first if first_hits_exp[k] else np.nan
+
+
+# -- results ---------------------------------------------------------------------------------------
+@dataclass
+class PRCurve:
+    """Precision and recall at every Hamming radius 0..bits (see the module docstring for the averaging)."""
+
+    radius: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    coverage: np.ndarray  # fraction of queries that retrieve at least one item within the radius
+
+    def to_dict(self) -> dict[str, list]:
+        return {k: getattr(self, k).tolist() for k in ("radius", "precision", "recall", "coverage")}
+
+
+@dataclass
+class RetrievalResult:
+    """Per-query outcomes of one fused pass; methods reduce them to the field's numbers.
+
+    ``ks`` holds every cut-off asked for (sorted); columns of the ``*_k`` arrays follow it."""
+
+    ks: np.ndarray
+    relevant: np.ndarray          # (nq,) relevant database items per query (R)
+    ap: np.ndarray                # (nq,) AP@all, stable tie rule
+    ap_expected: np.ndarray       # (nq,) AP@all, tie-aware
+    hits_k: np.ndarray            # (nq, nk) relevant items in the top K, stable
+    rank_sum_k: np.ndarray        # (nq, nk) Σ hit/rank over relevant items ranked <= K, stable
+    hit_sum_k: np.ndarray         # (nq, nk) Σ hit/rank over the first K hits, stable
+    hits_k_expected: np.ndarray   # (nq, nk) tie-aware hits in the top K
+    rank_sum_k_expected: np.ndarray
+    hit_sum_k_expected: np.ndarray  # NaN for cut-offs not asked for as mAP@K (it costs a Markov chain)
+    hist_all: np.ndarray          # (nq, bits + 1) items at each Hamming distance
+    hist_rel: np.ndarray          # (nq, bits + 1) relevant items at each Hamming distance
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.relevant.shape[0])
+
+    def _column(self, k: int) -> int:
+        where = np.flatnonzero(self.ks == k)
+        if not where.size:
+            raise MetricError(f"K = {k} was not computed; pass it in ks (have {self.ks.tolist()})")
+        return int(where[0])
+
+    def average_precision(self, k: int | None = None, ties: str = "stable", rule: str = "djsrh") -> np.ndarray:
+        """(nq,) AP@all (``k=None``) or AP@K under ``rule``; queries without relevant items score 0."""
+        _check_choice("ties", ties, TIES)
+        _check_choice("rule", rule, RULES)
+        expected = ties == "expected"
+        if k is None:
+            return self.ap_expected if expected else self.ap
+        c = self._column(k)
+        denominator = np.minimum(k, self.relevant).astype(np.float64)
+        if rule == "djsrh":
+            num = self.hit_sum_k_expected[:, c] if expected else self.hit_sum_k[:, c]
+            if expected and np.isnan(num).any():
+                raise MetricError(f"the tie-aware 'djsrh' AP@{k} was not computed; pass K in map_ks")
+        elif rule == "standard":
+            num = self.rank_sum_k_expected[:, c] if expected else self.rank_sum_k[:, c]
+        else:
+            if expected:
+                raise MetricError("rule 'retrieved' divides by a random count of hits: it has no closed-form "
+                                  "tie-aware value; use ties='stable' or rule 'djsrh'/'standard'")
+            num, denominator = self.rank_sum_k[:, c], self.hits_k[:, c].astype(np.float64)
+        return np.divide(num, denominator, out=np.zeros(self.n_queries), where=denominator > 0)
+
+    def mean_average_precision(self, k: int | None = None, ties: str = "stable", rule: str = "djsrh") -> float:
+        return float(self.average_precision(k, ties, rule).mean()) if self.n_queries else 0.0
+
+    def precision_at(self, ks: Iterable[int] | int, ties: str = "stable") -> np.ndarray | float:
+        """Mean P@K for one K (a float) or a list of them (an array)."""
+        _check_choice("ties", ties, TIES)
+        single = np.isscalar(ks)
+        cols = [self._column(int(k)) for k in np.atleast_1d(ks)]
+        hits = (self.hits_k_expected if ties == "expected" else self.hits_k)[:, cols]
+        p = (hits / self.ks[cols][None, :]).mean(axis=0) if self.n_queries else np.zeros(len(cols))
+        return float(p[0]) if single else p
+
+    def pr_curve(self) -> PRCurve:
+        retrieved = np.cumsum(self.hist_all, axis=1)
+        hits = np.cumsum(self.hist_rel, axis=1)
+        some = retrieved > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_query_p = np.where(some, hits / np.maximum(retrieved, 1), 0.0)
+            n_some = some.sum(axis=0)
+            precision = np.where(n_some > 0, per_query_p.sum(axis=0) / np.maximum(n_some, 1), np.nan)
+            has_rel = self.relevant > 0
+            recall = (hits[has_rel] / self.relevant[has_rel, None]).mean(axis=0) if has_rel.any() \
+                else np.zeros(hits.shape[1])
+        return PRCurve(radius=np.arange(hits.shape[1]), precision=precision, recall=recall,
+                       coverage=n_some / max(1, self.n_queries))
+
+
+# -- entry points ----------------------------------------------------------------------------------
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise MetricError(f"{name} = {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _packed(codes: np.ndarray, what: str) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.dtype != np.uint8:
+        raise MetricError(f"{what} must be packed codes, a 2-D uint8 array (cfrh.codes.pack_codes); "
+                          f"got {codes.dtype} {codes.shape}")
+    return codes
+
+
+def _label_words(labels: np.ndarray, n: int, what: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.shape[0] != n:
+        raise MetricError(f"{what} must be (N, C) multi-hot with one row per code ({n}), got {labels.shape}")
+    return as_words(np.packbits(labels > 0, axis=1))
+
+
+_HARMONIC: dict[int, np.ndarray] = {}
+
+
+def _harmonic(n: int) -> np.ndarray:
+    """H[0..n] (H[k] = Σ_{i<=k} 1/i) from the digamma function: accurate to an ulp, unlike a running sum."""
+    size = 1 << max(10, int(n).bit_length())
+    if size not in _HARMONIC:
+        _HARMONIC[size] = digamma(np.arange(1, size + 2, dtype=np.float64)) + np.euler_gamma
+    return _HARMONIC[size]
+
+
+def retrieval_metrics(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
+                      db_labels: np.ndarray, map_ks: Iterable[int] = (), precision_ks: Iterable[int] = (),
+                      batch_size: int = 512,
+                      on_batch: Callable[[int, int], None] | None = None) -> RetrievalResult:
+    """Every metric of one retrieval direction in one fused pass (the direction is which codes go in:
+    image query codes against text database codes is image→text, and so on).
+
+    ``map_ks`` are the K of mAP@K (their tie-aware "djsrh" value is computed too), ``precision_ks``
+    the K of P@K / top-N precision. Queries are processed ``batch_size`` at a time (``on_batch(done,
+    total)`` after each); memory is O(database) per worker thread, never queries × database."""
+    q, db = _packed(query_codes, "query codes"), _packed(db_codes, "database codes")
+    if q.shape[1] != db.shape[1]:
+        raise MetricError(f"query codes have {q.shape[1] * 8} bits, database codes {db.shape[1] * 8}")
+    bits = q.shape[1] * 8
+    if bits > _MAX_BITS:
+        raise MetricError(f"{bits}-bit codes exceed the {_MAX_BITS}-bit limit of the metric kernel")
+    ql, dl = _label_words(query_labels, q.shape[0], "query labels"), _label_words(db_labels, db.shape[0],
+                                                                                "database labels")
+    if ql.shape[1] != dl.shape[1] or np.shape(query_labels)[1] != np.shape(db_labels)[1]:
+        raise MetricError(f"query labels have {np.shape(query_labels)[1]} classes, database labels "
+                          f"{np.shape(db_labels)[1]}")
+    map_ks, precision_ks = [int(k) for k in map_ks], [int(k) for k in precision_ks]
+    ks = np.unique(np.asarray(map_ks + precision_ks, dtype=np.int64))
+    if ks.size and (ks[0] < 1 or ks[-1] > db.shape[0]):
+        raise MetricError(f"cut-offs K must lie in 1..{db.shape[0]} (the database size), got {ks.tolist()}")
+    first_hits_exp = np.isin(ks, map_ks)
+    qw, dw = as_words(q), as_words(db)
+    harmonic = _harmonic(db.shape[0])
+    nq, nk = q.shape[0], ks.size
+    out = dict(n_rel=np.zeros(nq, np.int64), ap=np.zeros(nq), ap_exp=np.zeros(nq),
+               hits_k=np.zeros((nq, nk), np.int64), rank_sum_k=np.zeros((nq, nk)), hit_sum_k=np.zeros((nq, nk)),
+               hits_k_exp=np.zeros((nq, nk)), std_sum_k_exp=np.zeros((nq, nk)),
+               first_sum_k_exp=np.where(first_hits_exp, 0.0, np.nan)[None, :].repeat(nq, axis=0),
+               hist_all=np.zeros((nq, bits + 1), np.int64), hist_rel=np.zeros((nq, bits + 1), np.int64))
+    step = max(1, int(batch_size))
+    for start in range(0, nq, step):
+        sl = slice(start, min(nq, start + step))
+        _retrieval_kernel(qw[sl], dw, ql[sl], dl, ks, first_hits_exp, harmonic, *(a[sl] for a in out.values()))
+        if on_batch is not None:
+            on_batch(sl.stop, nq)
+    return RetrievalResult(ks=ks, relevant=out["n_rel"], ap=out["ap"], ap_expected=out["ap_exp"],
+                           hits_k=out["hits_k"], rank_sum_k=out["rank_sum_k"], hit_sum_k=out["hit_sum_k"],
+                           hits_k_expected=out["hits_k_exp"], rank_sum_k_expected=out["std_sum_k_exp"],
+                           hit_sum_k_expected=out["first_sum_k_exp"], hist_all=out["hist_all"],
+                           hist_rel=out["hist_rel"])
+
+
+def average_precision(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
+                      db_labels: np.ndarray, topk: int | None = None, ties: str = "stable",
+                      rule: str = "djsrh") -> np.ndarray:
+    """(nq,) AP@all, or AP@``topk`` under ``rule``, per query (0 for a query with no relevant item)."""
+    ks = () if topk is None else (topk,)
+    return retrieval_metrics(query_codes, db_codes, query_labels, db_labels, map_ks=ks).average_precision(
+        topk, ties, rule)
+
+
+def mean_average_precision(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
+                           db_labels: np.ndarray, topk: int | None = None, ties: str = "stable",
+                           rule: str = "djsrh") -> float:
+    """mAP@all, or mAP@``topk`` (rule ``"djsrh"``: DJSRH/JDSH/UCMFH's mAP@K); see the module docstring."""
+    ap = average_precision(query_codes, db_codes, query_labels, db_labels, topk, ties, rule)
+    return float(ap.mean()) if ap.size else 0.0
+
+
+def precision_at_k(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
+                   db_labels: np.ndarray, k: int, ties: str = "stable") -> float:
+    """Mean fraction of relevant items among the top ``k``."""
+    return float(topn_precision(query_codes, db_codes, query_labels, db_labels, [k], ties)[0])
+
+
+def topn_precision(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
+                   db_labels: np.ndarray, ns: Iterable[int], ties: str = "stable") -> np.ndarray:
+    """Mean P@N for every N in ``ns`` (in that order): the top-N precision curve papers plot."""
+    ns = [int(n) for n in ns]
+    result = retrieval_metrics(query_codes, db_codes, query_labels, db_labels, precision_ks=ns)
+    return np.atleast_1d(result.precision_at(ns, ties))
+
+
+def pr_curve_hamming(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
+                     db_labels: np.ndarray) -> PRCurve:
+    """Precision and recall of Hamming-ball retrieval at every radius 0..bits."""
+    return retrieval_metrics(query_codes, db_codes, query_labels, db_labels).pr_curve()
