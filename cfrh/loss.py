@@ -1,0 +1,51 @@
+"""CFRH's objective, term by term, so progress bars and the run history can show each one.
+
+With B̂ the row-L2-normalised relaxed codes tanh(α h) of one batch and S its fused similarity
+(:mod:`cfrh.similarity`), averaged over the n² entries as DJSRH/JDSH do (``F.mse_loss``)::
+
+    intra = ‖B̂_I B̂_Iᵀ − S‖² + ‖B̂_T B̂_Tᵀ − S‖²         codes of one modality keep the fused neighbourhoods
+    cross = ‖B̂_I B̂_Tᵀ − S‖² + ‖B̂_T B̂_Iᵀ − S‖²         ... and so do codes across modalities
+    recon = ‖Dec_I(B_I) − F_I‖² + ‖Dec_T(B_T) − T‖²     autoencoders: codes keep what the features say
+                                                       (squared error summed over features, mean over rows)
+    pair  = −mean_i ⟨b̂_I,i, b̂_T,i⟩                       JDSH's extra pull between the two codes of a pair
+
+``total`` is the weighted sum; every weight is a pipeline setting (``train.w_intra`` ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+TERMS = ("intra", "cross", "recon", "pair")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    intra: float = 0.1   # JDSH's INTRA (MIRFLICKR config)
+    cross: float = 1.0   # DJSRH/JDSH: the cross-modal term carries weight 1
+    recon: float = 0.1
+    pair: float = 0.0    # JDSH uses 1; off unless a pipeline turns it on
+
+
+def reconstruction_error(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the squared L2 distance (independent of the feature width's scaling)."""
+    return (recon - target).pow(2).sum(dim=1).mean()
+
+
+def loss_terms(code_image: torch.Tensor, code_text: torch.Tensor, similarity: torch.Tensor,
+               recon_image: torch.Tensor, target_image: torch.Tensor,
+               recon_text: torch.Tensor, target_text: torch.Tensor,
+               weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
+    """Every term of the objective plus ``total``, as 0-d tensors (``total`` carries the gradient)."""
+    bi, bt = F.normalize(code_image, dim=1), F.normalize(code_text, dim=1)
+    bi_bt = bi @ bt.T
+    terms = {
+        "intra": F.mse_loss(bi @ bi.T, similarity) + F.mse_loss(bt @ bt.T, similarity),
+        "cross": F.mse_loss(bi_bt, similarity) + F.mse_loss(bi_bt.T, similarity),
+        "recon": reconstruction_error(recon_image, target_image) + reconstruction_error(recon_text, target_text),
+        "pair": -torch.diagonal(bi_bt).mean(),
+    }
+    terms["total"] = sum(getattr(weights, name) * terms[name] for name in TERMS)
+    return terms

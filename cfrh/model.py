@@ -1,0 +1,201 @@
+"""The CFRH model: one autoencoder per modality whose bottleneck is a k-bit hash layer.
+
+Per modality: feature → (Linear, ReLU, Dropout) × depth → Linear → h (k values); the relaxed
+code is tanh(α h), with α growing over training (:func:`alpha_for_epoch`) so the relaxed codes
+approach ±1; at inference the code is sign(h). The decoder maps the relaxed code back through
+the mirrored hidden widths to the feature (reconstruction keeps the codes informative about
+their own modality). Features are prepared the same way in training and at inference
+(:data:`PREPROCESS`), with any mean stored in the model, so a saved model hashes new features
+exactly as it hashed the training ones.
+
+A trained model is stored next to its codes in the cache as ``runs/<run>/<bits>/model.safetensors``
+(weights and buffers) and ``model.json`` (everything needed to rebuild it); :func:`load_model`
+brings it back.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .cache import CacheError, FeatureCache
+from .codes import pack_codes
+from .errors import CfrhError
+
+MODEL_FORMAT = 1
+PREPROCESS = ("none", "l2", "center-l2")
+ALPHA_SCHEDULES = ("sqrt", "linear", "constant")
+HASH_BLOCK_ROWS = 16384
+
+
+class ModelError(CfrhError, ValueError):
+    """A model cannot be built, loaded or applied as asked (bad settings, wrong feature width)."""
+
+
+def alpha_for_epoch(epoch: int, schedule: str = "sqrt", epochs: int = 1, alpha_max: float = 10.0) -> float:
+    """The tanh sharpness α for a 0-based epoch.
+
+    ``sqrt``: α = √(epoch + 1), as DJSRH and JDSH; ``linear``: 1 → ``alpha_max`` over the run;
+    ``constant``: ``alpha_max`` throughout."""
+    if schedule == "sqrt":
+        return math.sqrt(epoch + 1.0)
+    if schedule == "linear":
+        return 1.0 + (alpha_max - 1.0) * epoch / max(1, epochs - 1)
+    if schedule == "constant":
+        return float(alpha_max)
+    raise ModelError(f"alpha_schedule must be one of {ALPHA_SCHEDULES}, got {schedule!r}")
+
+
+def relaxed_codes(h: torch.Tensor, alpha: float) -> torch.Tensor:
+    """tanh(α h): a differentiable stand-in for sign(h) that sharpens as α grows."""
+    return torch.tanh(alpha * h)
+
+
+def _mlp(widths: list[int], dropout: float) -> nn.Sequential:
+    """Linear layers through ``widths`` with ReLU (and dropout) between them, none after the last."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU(inplace=True))
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class ModalityAutoencoder(nn.Module):
+    """Encoder feature → hidden → k hash logits h; decoder relaxed code → mirrored hidden → feature."""
+
+    def __init__(self, in_dim: int, hidden: list[int], bits: int, dropout: float = 0.0):
+        super().__init__()
+        self.encoder = _mlp([in_dim, *hidden, bits], dropout)
+        self.decoder = _mlp([bits, *reversed(hidden), in_dim], 0.0)
+
+    def forward(self, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h, relaxed code, reconstruction)."""
+        h = self.encoder(x)
+        b = relaxed_codes(h, alpha)
+        return h, b, self.decoder(b)
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model (stored as model.json)."""
+
+    image_dim: int
+    text_dim: int
+    bits: int
+    image_hidden: list[int] = field(default_factory=lambda: [1024])
+    text_hidden: list[int] = field(default_factory=lambda: [1024])
+    dropout: float = 0.0
+    image_preprocess: str = "l2"
+    text_preprocess: str = "l2"
+
+    def __post_init__(self) -> None:
+        if self.bits <= 0 or self.bits % 8:
+            raise ModelError(f"bits must be a positive multiple of 8 (codes are stored packed), got {self.bits}")
+        for name in ("image_preprocess", "text_preprocess"):
+            if getattr(self, name) not in PREPROCESS:
+                raise ModelError(f"{name} must be one of {PREPROCESS}, got {getattr(self, name)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ModelError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("image_hidden", "text_hidden"):
+            widths = getattr(self, name)
+            if not all(isinstance(w, int) and w > 0 for w in widths):
+                raise ModelError(f"{name} must be a list of positive layer widths, got {widths!r}")
+
+
+def prepare_features(x: torch.Tensor, mode: str, mean: torch.Tensor) -> torch.Tensor:
+    """The model's view of raw features: as-is, L2-normalised rows, or mean-centred then L2-normalised."""
+    if mode == "center-l2":
+        x = x - mean
+    return F.normalize(x, dim=1) if mode in ("l2", "center-l2") else x
+
+
+class CFRHModel(nn.Module):
+    """The image and text autoencoders of one bit length, plus the feature preparation they assume."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.image = ModalityAutoencoder(spec.image_dim, list(spec.image_hidden), spec.bits, spec.dropout)
+        self.text = ModalityAutoencoder(spec.text_dim, list(spec.text_hidden), spec.bits, spec.dropout)
+        self.register_buffer("image_mean", torch.zeros(spec.image_dim))
+        self.register_buffer("text_mean", torch.zeros(spec.text_dim))
+
+    def set_means(self, image_mean: np.ndarray, text_mean: np.ndarray) -> None:
+        """Training-split feature means, used by ``center-l2`` preparation (kept in the saved model)."""
+        self.image_mean.copy_(torch.as_tensor(image_mean, dtype=torch.float32))
+        self.text_mean.copy_(torch.as_tensor(text_mean, dtype=torch.float32))
+
+    def prepare_image(self, x: torch.Tensor) -> torch.Tensor:
+        return prepare_features(x, self.spec.image_preprocess, self.image_mean)
+
+    def prepare_text(self, x: torch.Tensor) -> torch.Tensor:
+        return prepare_features(x, self.spec.text_preprocess, self.text_mean)
+
+    # -- hashing new features -------------------------------------------------------------
+    @torch.no_grad()
+    def _hash(self, features: np.ndarray, which: str) -> np.ndarray:
+        dim = self.spec.image_dim if which == "image" else self.spec.text_dim
+        features = np.asarray(features)
+        if features.ndim != 2 or features.shape[1] != dim:
+            raise ModelError(f"{which} features must be (N, {dim}) for this model, got shape {features.shape}")
+        was_training = self.training
+        self.eval()
+        net = self.image if which == "image" else self.text
+        prepare = self.prepare_image if which == "image" else self.prepare_text
+        out = np.empty((features.shape[0], self.spec.bits // 8), dtype=np.uint8)
+        for start in range(0, features.shape[0], HASH_BLOCK_ROWS):
+            block = torch.from_numpy(np.asarray(features[start:start + HASH_BLOCK_ROWS], dtype=np.float32))
+            out[start:start + block.shape[0]] = pack_codes(net.encoder(prepare(block)).numpy())
+        self.train(was_training)
+        return out
+
+    def hash_image(self, features: np.ndarray) -> np.ndarray:
+        """(N, image_dim) raw image features → (N, bits/8) packed codes sign(h)."""
+        return self._hash(features, "image")
+
+    def hash_text(self, features: np.ndarray) -> np.ndarray:
+        """(N, text_dim) raw text features (e.g. BoW counts) → (N, bits/8) packed codes sign(h)."""
+        return self._hash(features, "text")
+
+
+# -- storage in the cache ---------------------------------------------------------------------
+def model_files(run: str, bits: int) -> tuple[str, str]:
+    """Cache-relative paths of a run's model weights and description."""
+    return f"runs/{run}/{bits}/model.safetensors", f"runs/{run}/{bits}/model.json"
+
+
+def save_model(cache: FeatureCache, run: str, model: CFRHModel, extra: dict[str, Any] | None = None) -> str:
+    """Write weights, then the JSON description (the JSON is the "model exists" marker)."""
+    weights_path, json_path = model_files(run, model.spec.bits)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    cache.write_bytes(weights_path, st_save(state))
+    description = {"format": MODEL_FORMAT, "spec": asdict(model.spec), **(extra or {})}
+    cache.write_bytes(json_path, json.dumps(description, indent=2).encode())
+    return cache.file_path(weights_path)
+
+
+def load_model(cache: FeatureCache, run: str, bits: int) -> CFRHModel:
+    """A trained model from the cache, in eval mode, ready for ``hash_image`` / ``hash_text``."""
+    weights_path, json_path = model_files(run, bits)
+    if not cache.file_exists(json_path):
+        have = cache.runs()
+        raise CacheError(f"{cache.url}: no trained {bits}-bit model in run {run!r} (runs: {', '.join(have) or 'none'}); "
+                         f"run `cfrh train` with --bits {bits}" + (f" --run {run}" if run != "cfrh" else ""))
+    description = json.loads(cache.read_bytes(json_path))
+    if description.get("format") != MODEL_FORMAT:
+        raise CacheError(f"{cache.url}/{json_path}: model format {description.get('format')!r}, this cfrh reads "
+                         f"{MODEL_FORMAT}; retrain with `cfrh train --no-resume`")
+    model = CFRHModel(ModelSpec(**description["spec"]))
+    model.load_state_dict(st_load(cache.read_bytes(weights_path)))
+    return model.eval()

@@ -1,0 +1,179 @@
+"""CFRH's pieces against hand-computed cases: similarity builder, loss terms, relaxed codes, the model."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cfrh.cache import CacheError, FeatureCache
+from cfrh.codes import pack_codes
+from cfrh.config import ConfigError
+from cfrh.loss import LossWeights, loss_terms, reconstruction_error
+from cfrh.model import (CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, load_model,
+                        relaxed_codes, save_model)
+from cfrh.similarity import cosine_similarity, fused_similarity, joint_modal_similarity
+from cfrh.train import TrainConfig
+
+R = 1 / math.sqrt(2)
+IMAGE = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+TEXT = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+S_I = np.array([[1, 0, R], [0, 1, R], [R, R, 1]])
+S_T = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=float)
+
+
+def _numpy_joint(s_i: np.ndarray, s_t: np.ndarray) -> np.ndarray:
+    a = s_i / np.linalg.norm(s_i, axis=1, keepdims=True)
+    b = s_t / np.linalg.norm(s_t, axis=1, keepdims=True)
+    return 0.5 * (a @ b.T + (a @ b.T).T)
+
+
+# -- similarity -----------------------------------------------------------------------------------
+def test_cosine_similarity_by_hand():
+    np.testing.assert_allclose(cosine_similarity(IMAGE).numpy(), S_I, atol=1e-12)
+    np.testing.assert_allclose(cosine_similarity(TEXT).numpy(), S_T, atol=1e-12)
+    zero_row = cosine_similarity(torch.tensor([[0.0, 0.0], [1.0, 2.0]]))
+    assert torch.isfinite(zero_row).all() and zero_row[0].abs().sum() == 0
+
+
+def test_joint_modal_similarity_by_hand():
+    s_c = joint_modal_similarity(torch.from_numpy(S_I), torch.from_numpy(S_T)).numpy()
+    # Row 0 of N(S_I) is (1, 0, r)/√1.5, of N(S_T) (1, 1, 0)/√2: their product is 1/√3.
+    assert s_c[0, 0] == pytest.approx(1 / math.sqrt(3), abs=1e-12)
+    # Entry (0, 2): ½(N(S_I)_0·N(S_T)_2 + N(S_I)_2·N(S_T)_0) = ½(r/√1.5 + (r, r, 1)/√2·(1, 1, 0)/√2) = ½(r/√1.5 + r)
+    assert s_c[0, 2] == pytest.approx(0.5 * (R / math.sqrt(1.5) + R), abs=1e-12)
+    np.testing.assert_allclose(s_c, _numpy_joint(S_I, S_T), atol=1e-12)
+    np.testing.assert_allclose(s_c, s_c.T, atol=1e-15)
+
+
+def test_fused_similarity_is_the_named_formula():
+    s = fused_similarity(IMAGE, TEXT, mu=2.0, beta=0.5, gamma=0.3, eta=0.2).numpy()
+    np.testing.assert_allclose(s, 2.0 * (0.5 * S_I + 0.3 * S_T + 0.2 * _numpy_joint(S_I, S_T)), atol=1e-12)
+    # eta = 0 leaves out the joint term entirely.
+    s0 = fused_similarity(IMAGE, TEXT, mu=1.0, beta=1.0, gamma=1.0, eta=0.0).numpy()
+    np.testing.assert_allclose(s0, S_I + S_T, atol=1e-12)
+
+
+def test_fused_similarity_options():
+    a_i, a_t = 2 * S_I - 1, 2 * S_T - 1
+    s = fused_similarity(IMAGE, TEXT, mu=1.5, beta=0.4, gamma=0.4, eta=0.2, rescale="affine").numpy()
+    np.testing.assert_allclose(s, 1.5 * (0.4 * a_i + 0.4 * a_t + 0.2 * _numpy_joint(a_i, a_t)), atol=1e-12)
+    s = fused_similarity(IMAGE, TEXT, mu=1.0, beta=0.5, gamma=0.5, eta=0.0, refine="djsrh", refine_weight=0.25)
+    base = 0.5 * S_I + 0.5 * S_T
+    np.testing.assert_allclose(s.numpy(), 0.75 * base + 0.25 * base @ base.T / 3, atol=1e-12)
+    with pytest.raises(ValueError, match="refine"):
+        fused_similarity(IMAGE, TEXT, mu=1, beta=1, gamma=1, eta=0, refine="nope")
+
+
+# -- loss terms -------------------------------------------------------------------------------------
+def test_loss_terms_by_hand():
+    b_i = torch.tensor([[1.0, 1.0], [1.0, -1.0]])     # normalised: (1,1)/√2, (1,-1)/√2
+    b_t = torch.tensor([[3.0, 3.0], [-1.0, 1.0]])     # normalised: (1,1)/√2, (-1,1)/√2
+    s = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
+    rec_i, tgt_i = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.zeros(2, 2)
+    rec_t = tgt_t = torch.tensor([[0.3, 0.4], [1.0, 0.0]])
+    t = loss_terms(b_i, b_t, s, rec_i, tgt_i, rec_t, tgt_t, LossWeights(intra=0.1, cross=1.0, recon=0.1, pair=0.5))
+    # B̂_I B̂_Iᵀ = B̂_T B̂_Tᵀ = I: each off-diagonal misses S by .5 → mean .125, two modalities → .25
+    assert t["intra"].item() == pytest.approx(0.25)
+    # B̂_I B̂_Tᵀ = [[1, 0], [0, -1]]: squared misses 0, .25, .25, 4 → mean 1.125, and its transpose again
+    assert t["cross"].item() == pytest.approx(2.25)
+    # image rows miss by 1 and 0 → mean 0.5; text reconstructs exactly
+    assert t["recon"].item() == pytest.approx(0.5)
+    assert t["pair"].item() == pytest.approx(0.0, abs=1e-6)    # paired cosines 1 and −1
+    assert t["total"].item() == pytest.approx(0.1 * 0.25 + 2.25 + 0.1 * 0.5 + 0.5 * 0.0)
+
+
+def test_reconstruction_error_sums_features_and_averages_rows():
+    err = reconstruction_error(torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.zeros(2, 2))
+    assert err.item() == pytest.approx((1 + 4 + 0) / 2)
+
+
+# -- relaxed codes ----------------------------------------------------------------------------------
+def test_relaxed_codes_gradient():
+    h = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: relaxed_codes(x, 2.5), (h,))
+    relaxed_codes(h, 2.5).sum().backward()
+    np.testing.assert_allclose(h.grad.numpy(), 2.5 * (1 - np.tanh(2.5 * h.detach().numpy()) ** 2), rtol=1e-9, atol=1e-12)
+
+
+def test_gradcheck_through_autoencoder_and_loss():
+    torch.manual_seed(0)
+    net = ModalityAutoencoder(6, [5], 8).double()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: net(v, 1.7), (x,))
+    b_i = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    b_t = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    s = cosine_similarity(torch.randn(4, 3, dtype=torch.float64))
+    tgt_i, tgt_t = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    total = lambda a, b: loss_terms(a, b, s, a, tgt_i, b, tgt_t, LossWeights(pair=1.0))["total"]  # noqa: E731
+    assert torch.autograd.gradcheck(total, (b_i, b_t))
+
+
+def test_alpha_schedules():
+    assert [alpha_for_epoch(e) for e in (0, 3, 8)] == [1.0, 2.0, 3.0]   # √(epoch+1)
+    assert alpha_for_epoch(0, "linear", 5, 9.0) == 1.0 and alpha_for_epoch(4, "linear", 5, 9.0) == 9.0
+    assert alpha_for_epoch(2, "constant", 5, 4.0) == 4.0
+    with pytest.raises(ModelError, match="alpha_schedule"):
+        alpha_for_epoch(0, "cosine")
+
+
+# -- the model ----------------------------------------------------------------------------------------
+def _model(bits: int = 16, **kw) -> CFRHModel:
+    torch.manual_seed(0)
+    return CFRHModel(ModelSpec(image_dim=12, text_dim=7, bits=bits, image_hidden=[20], text_hidden=[9], **kw))
+
+
+def test_hash_is_packed_sign_of_the_encoder_after_preparation():
+    model = _model(24, image_preprocess="center-l2", text_preprocess="none")
+    rng = np.random.default_rng(0)
+    img, txt = rng.standard_normal((50, 12)).astype(np.float32), rng.poisson(1.0, (50, 7)).astype(np.uint8)
+    model.set_means(img.mean(0), txt.mean(0))
+    codes = model.hash_image(img)
+    assert codes.shape == (50, 3) and codes.dtype == np.uint8
+    x = torch.from_numpy(img) - torch.from_numpy(img.mean(0))
+    with torch.no_grad():
+        h = model.image.encoder(x / x.norm(dim=1, keepdim=True)).numpy()
+        h_t = model.text.encoder(torch.from_numpy(txt.astype(np.float32))).numpy()
+    np.testing.assert_array_equal(codes, pack_codes(h))
+    np.testing.assert_array_equal(model.hash_text(txt), pack_codes(h_t))
+    assert model.training  # hashing does not leave the model in eval mode
+    with pytest.raises(ModelError, match=r"\(N, 12\)"):
+        model.hash_image(img[:, :5])
+
+
+def test_model_spec_rejects_bad_settings():
+    with pytest.raises(ModelError, match="multiple of 8"):
+        ModelSpec(image_dim=4, text_dim=4, bits=12)
+    with pytest.raises(ModelError, match="image_preprocess"):
+        ModelSpec(image_dim=4, text_dim=4, bits=16, image_preprocess="zscore")
+
+
+def test_save_and_load_model_round_trip(tmp_path):
+    cache, _ = FeatureCache.create(tmp_path, "toy", "precomputed", request={"toy": 1})
+    model = _model(32, dropout=0.2)
+    model.set_means(np.arange(12, dtype=np.float32), np.ones(7, dtype=np.float32))
+    save_model(cache, "r1", model, extra={"note": "x"})
+    loaded = load_model(cache, "r1", 32)
+    assert not loaded.training and loaded.spec == model.spec
+    img = np.random.default_rng(1).standard_normal((40, 12)).astype(np.float16)
+    np.testing.assert_array_equal(loaded.hash_image(img), model.hash_image(img))
+    np.testing.assert_array_equal(loaded.image_mean.numpy(), np.arange(12))
+    with pytest.raises(CacheError, match="no trained 64-bit model"):
+        load_model(cache, "r1", 64)
+
+
+# -- the [train] table ------------------------------------------------------------------------------
+def test_train_config_validation():
+    cfg = TrainConfig.from_dict({"epochs": 3, "lr_image": 1, "bits": [8, 16]})
+    assert cfg.epochs == 3 and cfg.lr_image == 1.0 and isinstance(cfg.lr_image, float) and cfg.bits == [8, 16]
+    with pytest.raises(ConfigError, match="unknown train settings \\['epoch'\\]"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ConfigError, match="train.epochs = '3' should be a int"):
+        TrainConfig.from_dict({"epochs": "3"})
+    with pytest.raises(ConfigError, match="optimizer = 'lbfgs'; choose one of adam, adamw, sgd"):
+        TrainConfig.from_dict({"optimizer": "lbfgs"})
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        TrainConfig.from_dict({"bits": [12]})
+    with pytest.raises(ConfigError, match="should be a list"):
+        TrainConfig.from_dict({"image_hidden": 512})
