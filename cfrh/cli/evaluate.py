@@ -1,0 +1,77 @@
+"""``cfrh evaluate PIPELINE``: the mAP table of a training run, with a report and plots in the cache."""
+from __future__ import annotations
+
+import json
+
+import click
+from rich.table import Table
+
+from ..config import Pipeline
+from .common import cli, console, pipeline_options, progress
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[int] | None:
+    """``--bits 16 --bits 32`` or ``--bits 16,32``."""
+    try:
+        out = [int(v) for text in values for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{', '.join(values)}: give whole numbers, e.g. 16,32 or repeat the option")
+    if any(v <= 0 for v in out):
+        raise click.BadParameter("values must be positive")
+    return out or None
+
+
+@cli.command()
+@pipeline_options
+@click.option("--run", default="cfrh", show_default=True, help="The training run to evaluate.")
+@click.option("--bits", multiple=True, callback=_int_list, metavar="N[,N...]",
+              help="Bit lengths to evaluate (default: every complete one of the run).")
+@click.option("--topk", multiple=True, callback=_int_list, metavar="K[,K...]",
+              help="K of mAP@K (default: evaluate.map_k of the pipeline, 50).")
+@click.option("--baseline", type=click.Choice(["random-projection", "none"]), default=None,
+              help="Score a baseline on the same splits (default: evaluate.baseline, random-projection).")
+@click.option("--direction", "directions", multiple=True, type=click.Choice(["i2t", "t2i", "i2i", "t2t"]),
+              help="Directions to score (default: all four).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
+def evaluate(pipeline: Pipeline, cache_root: str | None, run: str, bits: list[int] | None, topk: list[int] | None,
+             baseline: str | None, directions: tuple[str, ...], as_json: bool) -> None:
+    """Score a run's codes on the pipeline's protocol: mAP@all, mAP@K, P@K (stable tie rule and tie-aware),
+    PR curves and top-N precision, for image→text, text→image, image→image and text→text.
+
+    Writes report.json, report.md and PNG plots to runs/<run>/report/ in the cache."""
+    from ..evaluate import evaluate as run_evaluate, table_columns, table_rows
+
+    with progress() as bar:
+        task = bar.add_task("loading codes", total=None, info="")
+
+        def on_batch(name: str, done: int, total: int) -> None:  # one line: the direction being scored
+            bar.update(task, description=name, completed=done, total=total)
+
+        report = run_evaluate(pipeline, cache_root, run=run, bits=bits, map_k=topk, baseline=baseline,
+                              directions=list(directions) or None, on_batch=on_batch)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in report.items() if k != "curves"}, indent=1))
+        return
+    p = report["protocol"]
+    table = Table(title=f"{report['pipeline']} · run {report['run']} · {p['n_query']:,} queries × "
+                        f"{p['n_database']:,} database items")
+    for title in ("method", "bits", "direction"):
+        table.add_column(title, no_wrap=True)
+    for _, title in table_columns(report):
+        table.add_column(title, justify="right")
+    previous = None
+    for row in table_rows(report):
+        if previous is not None and row[:2] != previous:
+            table.add_section()
+        table.add_row(*row, style="dim" if row[0] != report["method"] else None)
+        previous = row[:2]
+    console.print(table)
+    chance = report["chance"]
+    console.print("chance level (random ranking): "
+                  + ", ".join(f"{title} {chance[k]:.4f}" for k, title in table_columns(report) if k in chance))
+    console.print(f"ties: {report['definitions']['ties']}; mAP@K rule {report['settings']['map_k_rule']}: "
+                  f"{report['definitions']['map_k']}", highlight=False)
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    for name, path in report.get("files", {}).items():
+        console.print(f"wrote {path}", highlight=False)
