@@ -1,0 +1,188 @@
+"""Hash new images and texts with a trained model, exactly as the cache's own items were hashed.
+
+A code is only comparable with the cache's codes if the features behind it are computed the same
+way, so everything here is rebuilt from the cache's manifest, never from the current pipeline file:
+
+* images: the CLIP checkpoint recorded in the manifest (``found.image.model_source``, or ``model=``
+  when the cache was extracted on another machine), checked against the recorded identity, revision,
+  weights (pretrained or seeded random-init), architecture and preprocessing before use, in the
+  recorded precision; embeddings are rounded to float16 as extraction stores them;
+* texts: the recorded tokenisation (tags or caption words, lower-casing, binary or counts, stop
+  words) over the cache's stored ``vocabulary``;
+* codes: :func:`cfrh.model.load_model` of ``runs/<run>/<bits>``, ``hash_image`` / ``hash_text``.
+
+Caches of precomputed features (WIKI, the ``.mat`` releases) cannot hash new raw images or texts:
+their features came from a pipeline cfrh does not have. Items already in such a cache still have
+codes (``runs/<run>/<bits>/*_codes``) and can be searched with.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+from .cache import CacheError, FeatureCache, describe_differences
+from .errors import CfrhError
+from .features.text import BowVectoriser
+
+if TYPE_CHECKING:
+    from .features.image import ClipImageEncoder
+    from .model import CFRHModel
+
+MODALITIES = ("image", "text")
+# The vectoriser settings that decide which words a text contributes (the manifest's request.text).
+_TOKENISATION = ("kind", "tokens", "lowercase", "binary", "stop_words")
+
+
+class EncodeError(CfrhError, ValueError):
+    """New items cannot be hashed the way this cache's items were; the message says why and what to do."""
+
+
+def is_precomputed(cache: FeatureCache, modality: str) -> bool:
+    """True when the cache's ``modality`` features were shipped with the dataset, not computed by cfrh."""
+    request = cache.request.get(modality, {})
+    return request.get("model" if modality == "image" else "kind") in (None, "precomputed")
+
+
+def require_computed(cache: FeatureCache, modality: str) -> None:
+    """Fail with the reason when new ``modality`` inputs cannot be featurised the way this cache's were."""
+    if is_precomputed(cache, modality):
+        raise EncodeError(
+            f"{cache.url}: this cache's {modality} features were shipped precomputed with the dataset, so cfrh "
+            f"cannot compute them for new {modality}s; search with an item already in the cache (--query-id), "
+            f"or extract a cache from raw images and texts")
+
+
+def random_init_seed(weights: str) -> int | None:
+    """The seed of a ``random-init (untrained, seed N)`` weights record; None for pretrained weights."""
+    if not weights.startswith("random-init"):
+        return None
+    m = re.search(r"seed (\d+)", weights)
+    if m is None:
+        raise EncodeError(f"cannot read the random-init seed from the manifest's weights record {weights!r}")
+    return int(m.group(1))
+
+
+def image_encoder(cache: FeatureCache, model: str | None = None, device: str = "auto") -> "ClipImageEncoder":
+    """The CLIP image tower this cache was extracted with, verified against the manifest, on ``device``."""
+    from .features.image import load_clip, resolve_clip
+
+    require_computed(cache, "image")
+    want = cache.request["image"]
+    source = model or cache.manifest.get("found", {}).get("image", {}).get("model_source") or want["model"]
+    seed = random_init_seed(str(want.get("weights", "pretrained")))
+    spec = resolve_clip(str(source), random_init=seed is not None, seed=seed or 0)
+    have = spec.describe()
+    diff = describe_differences({k: want.get(k) for k in have}, have)
+    if diff:
+        raise EncodeError(f"{source}: not the image model {cache.url} was extracted with ("
+                          + "; ".join(d.replace("asked for", "this one has") for d in diff)
+                          + "); pass --model pointing at that checkpoint")
+    return load_clip(spec, device, want.get("precision") or "auto")
+
+
+def text_vectoriser(cache: FeatureCache) -> BowVectoriser:
+    """The bag-of-words vectoriser of this cache: its recorded tokenisation over its stored vocabulary."""
+    require_computed(cache, "text")
+    want = cache.request["text"]
+    vocabulary = cache.strings("vocabulary")
+    if not vocabulary:
+        raise CacheError(f"{cache.url}: the vocabulary array is missing; rerun `cfrh extract` for this cache")
+    vec = BowVectoriser(kind=want["kind"], binary=want.get("binary"), stop_words=want.get("stop_words") or "none",
+                        vocabulary=vocabulary, fixed_vocabulary=True)
+    have = vec.settings()
+    diff = describe_differences({k: want.get(k) for k in _TOKENISATION}, {k: have.get(k) for k in _TOKENISATION})
+    if diff:
+        raise EncodeError(f"{cache.url}: this cfrh tokenises texts differently from the one that built the cache ("
+                          + "; ".join(diff) + "); re-extract the cache with this version")
+    return vec
+
+
+def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders replaced by the image files below them (sorted, recursive)."""
+    from .datasets._common import IMAGE_SUFFIXES
+
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise EncodeError(f"{p}: no such image file or folder")
+    return out
+
+
+@dataclass
+class Encoded:
+    """Codes of the inputs that could be hashed, in input order, and why the others could not."""
+
+    codes: np.ndarray  # (n, bits/8) uint8
+    inputs: list[str]  # the input behind each row of ``codes``
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    empty: list[str] = field(default_factory=list)  # texts with no in-vocabulary word (hashed all the same)
+
+
+class CodeEncoder:
+    """A trained model plus the cache's feature extractors: new images or texts → packed codes."""
+
+    def __init__(self, cache: FeatureCache, run: str = "cfrh", bits: int = 64, image_model: str | None = None,
+                 device: str = "auto", batch_size: int = 32):
+        from .model import load_model
+
+        self.cache, self.run, self.bits = cache, run, int(bits)
+        self.model: CFRHModel = load_model(cache, run, self.bits)
+        self.image_model, self.device, self.batch_size = image_model, device, int(batch_size)
+        self._image: ClipImageEncoder | None = None
+        self._text: BowVectoriser | None = None
+
+    def encode_texts(self, texts: Sequence[str]) -> Encoded:
+        """Texts → codes. A text with no word of the vocabulary still gets a code (as such training items
+        did), but is listed in ``empty``: its code says nothing about it."""
+        if self._text is None:
+            self._text = text_vectoriser(self.cache)
+        texts = [str(t) for t in texts]
+        counts = self._text.transform_dense(texts)
+        empty = [t for t, row in zip(texts, counts) if not row.any()]
+        return Encoded(self.model.hash_text(counts.astype(np.float32)), texts, empty=empty)
+
+    def image_features(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+        """(float16 embeddings of the images that decode, their input positions, (path, reason) of the rest)."""
+        from .features.image import ImageBatches
+
+        if self._image is None:
+            self._image = image_encoder(self.cache, self.image_model, self.device)
+        enc = self._image
+        paths = [str(p) for p in paths]
+        batches = [np.arange(s, min(s + self.batch_size, len(paths))) for s in range(0, len(paths), self.batch_size)]
+        data = ImageBatches(paths, batches, enc.processor, enc.spec.pixel_shape)
+        feats = np.zeros((len(paths), enc.dim), dtype=np.float16)
+        ok = np.zeros(len(paths), dtype=bool)
+        skipped: dict[int, str] = {}
+        for k in range(len(data)):
+            rows, pixels, errors = data[k]
+            emb = enc.embed(pixels).numpy()
+            reasons = np.asarray(errors, dtype=object)
+            reasons[(reasons == "") & ~np.isfinite(emb).all(axis=1)] = "image embedding not finite"
+            good = reasons == ""
+            feats[rows[good]] = emb[good].astype(np.float16)  # the precision extraction stores
+            ok[rows[good]] = True
+            skipped.update(zip(rows[~good].tolist(), reasons[~good].tolist()))
+        kept = np.flatnonzero(ok).tolist()
+        return feats[ok], kept, [(paths[i], r) for i, r in sorted(skipped.items())]
+
+    def encode_images(self, paths: Sequence[str | Path]) -> Encoded:
+        """Image files → codes; files that do not decode are skipped and listed with the reason."""
+        feats, kept, skipped = self.image_features(paths)
+        codes = self.model.hash_image(feats.astype(np.float32)) if kept else \
+            np.empty((0, self.bits // 8), dtype=np.uint8)
+        return Encoded(codes, [str(paths[i]) for i in kept], skipped=skipped)
+
+    def encode(self, modality: str, inputs: Sequence[Any]) -> Encoded:
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        return self.encode_images(inputs) if modality == "image" else self.encode_texts(inputs)
