@@ -9,7 +9,8 @@ MB besides the codes. Per query:
    label words), a per-distance histogram of all and of relevant items;
 2. a second pass in row order with per-distance running counters gives every relevant item's
    exact rank and hit number without sorting: rank = (items at smaller distances) + (items at
-   the same distance up to this row), hit = the same count over relevant items.
+   the same distance up to this row), hit = the same count over relevant items (counted in a
+   third pass over the relevant items alone, which the second lists without branching).
 
 **Tie rule** (``ties="stable"``): items at equal Hamming distance keep database order, i.e. the
 ranking is by (distance, database row). This is what a stable sort gives; DJSRH/JDSH/UCMFH's
@@ -142,45 +143,56 @@ def _histogram(buf, nv):
 @numba.njit(parallel=True, cache=True)
 def _retrieval_kernel(q_codes, db_codes, q_labels, db_labels, ks, first_hits_exp, harmonic,
                       n_rel, ap, ap_exp, hits_k, rank_sum_k, hit_sum_k, hits_k_exp, std_sum_k_exp, first_sum_k_exp,
-                      hist_all, hist_rel):  # pragma: no cover - compiled
+                      hist_all, hist_rel, n_threads):  # pragma: no cover - compiled
     nq = q_codes.shape[0]
     ndb = db_codes.shape[0]
     nb = hist_all.shape[1]
     nk = ks.shape[0]
     kmax = ks[nk - 1] if nk > 0 else 0
-    for i in numba.prange(nq):
-        # pass 1: v = 2 · distance + relevance for every database item, and the histogram of v
+    # one pair of database-sized buffers per thread, reused across its queries (no allocation per query)
+    nt = max(1, min(nq, n_threads))
+    for t in numba.prange(nt):
         buf = np.empty(ndb, np.uint16)
-        _distance_relevance(q_codes[i], db_codes, q_labels[i], db_labels, buf)
-        h = _histogram(buf, 2 * nb)
-        cnt = h[0::2] + h[1::2]
-        rel = h[1::2].copy()
-        before = np.zeros(nb, np.int64)
-        before_rel = np.zeros(nb, np.int64)
-        for d in range(1, nb):
-            before[d] = before[d - 1] + cnt[d - 1]
-            before_rel[d] = before_rel[d - 1] + rel[d - 1]
-        total_rel = before_rel[nb - 1] + rel[nb - 1]
-        hist_all[i] = cnt
-        hist_rel[i] = rel
-        n_rel[i] = total_rel
-        if total_rel == 0:
-            continue  # outputs were zeroed by the caller
+        found = np.empty(ndb, np.int64)
+        for i in range(t * nq // nt, (t + 1) * nq // nt):
+            # pass 1: v = 2 · distance + relevance for every database item, and the histogram of v
+            _distance_relevance(q_codes[i], db_codes, q_labels[i], db_labels, buf)
+            h = _histogram(buf, 2 * nb)
+            cnt = h[0::2] + h[1::2]
+            rel = h[1::2].copy()
+            before = np.zeros(nb, np.int64)
+            before_rel = np.zeros(nb, np.int64)
+            for d in range(1, nb):
+                before[d] = before[d - 1] + cnt[d - 1]
+                before_rel[d] = before_rel[d - 1] + rel[d - 1]
+            total_rel = before_rel[nb - 1] + rel[nb - 1]
+            hist_all[i] = cnt
+            hist_rel[i] = rel
+            n_rel[i] = total_rel
+            if total_rel == 0:
+                continue  # outputs were zeroed by the caller
 
-        # pass 2, in database order: seen[v] counts the items of value v so far, which gives each relevant
-        # item's exact rank and hit number under the stable rule without sorting
-        seen = np.zeros(2 * nb, np.int64)
-        k_hits = np.zeros(nk + 1, np.int64)
-        k_rank_sum = np.zeros(nk + 1)
-        k_hit_sum = np.zeros(nk + 1)
-        s = 0.0
-        for j in range(ndb):
-            v = buf[j]
-            seen[v] += 1
-            if v & 1:
+            # pass 2, in database order: a running count per distance gives every item its position among the
+            # items at its distance; relevant items append (distance, position) to a list, without a branch
+            seen = np.zeros(nb, np.int64)
+            n_found = 0
+            for j in range(ndb):
+                v = buf[j]
                 d = v >> 1
-                hit = before_rel[d] + seen[v]
-                rank = before[d] + seen[v - 1] + seen[v]
+                seen[d] += 1
+                found[n_found] = (np.int64(d) << 48) | seen[d]
+                n_found += v & 1
+            # pass 3, over the relevant items in database order: exact rank and hit number under the stable rule
+            seen_rel = np.zeros(nb, np.int64)
+            k_hits = np.zeros(nk + 1, np.int64)
+            k_rank_sum = np.zeros(nk + 1)
+            k_hit_sum = np.zeros(nk + 1)
+            s = 0.0
+            for f in range(n_found):
+                d = found[f] >> 48
+                seen_rel[d] += 1
+                hit = before_rel[d] + seen_rel[d]
+                rank = before[d] + (found[f] & 0xFFFFFFFFFFFF)
                 prec = hit / rank
                 s += prec
                 if rank <= kmax:  # first K with K >= rank
@@ -194,44 +206,44 @@ def _retrieval_kernel(q_codes, db_codes, q_labels, db_labels, ks, first_hits_exp
                     while ks[lo] < hit:
                         lo += 1
                     k_hit_sum[lo] += prec
-        ap[i] = s / total_rel
-        acc_h = 0
-        acc_r = 0.0
-        acc_f = 0.0
-        for k in range(nk):
-            acc_h += k_hits[k]
-            acc_r += k_rank_sum[k]
-            acc_f += k_hit_sum[k]
-            hits_k[i, k] = acc_h
-            rank_sum_k[i, k] = acc_r
-            hit_sum_k[i, k] = acc_f
+            ap[i] = s / total_rel
+            acc_h = 0
+            acc_r = 0.0
+            acc_f = 0.0
+            for k in range(nk):
+                acc_h += k_hits[k]
+                acc_r += k_rank_sum[k]
+                acc_f += k_hit_sum[k]
+                hits_k[i, k] = acc_h
+                rank_sum_k[i, k] = acc_r
+                hit_sum_k[i, k] = acc_f
 
-        # tie-aware expectations from the histograms alone
-        full = np.zeros(nb)
-        e = 0.0
-        for d in range(nb):
-            full[d] = _bucket_sum(before[d], before_rel[d], cnt[d], rel[d], cnt[d], harmonic)
-            e += full[d]
-        ap_exp[i] = e / total_rel
-        for k in range(nk):
-            kk = ks[k]
-            m = min(kk, total_rel)
-            h = 0.0
-            std = 0.0
-            first = 0.0
+            # tie-aware expectations from the histograms alone
+            full = np.zeros(nb)
+            e = 0.0
             for d in range(nb):
-                a, b, n, r = before[d], before_rel[d], cnt[d], rel[d]
-                if n == 0:
-                    continue
-                if a < kk:  # this bucket reaches into the top K
-                    take = min(n, kk - a)
-                    h += take * r / n
-                    std += full[d] if take == n else _bucket_sum(a, b, n, r, take, harmonic)
-                if first_hits_exp[k] and b < m:  # this bucket holds some of the first m hits
-                    first += full[d] if b + r <= m else _first_hits_partial(a, b, n, r, m - b)
-            hits_k_exp[i, k] = h
-            std_sum_k_exp[i, k] = std
-            first_sum_k_exp[i, k] = first if first_hits_exp[k] else np.nan
+                full[d] = _bucket_sum(before[d], before_rel[d], cnt[d], rel[d], cnt[d], harmonic)
+                e += full[d]
+            ap_exp[i] = e / total_rel
+            for k in range(nk):
+                kk = ks[k]
+                m = min(kk, total_rel)
+                h = 0.0
+                std = 0.0
+                first = 0.0
+                for d in range(nb):
+                    a, b, n, r = before[d], before_rel[d], cnt[d], rel[d]
+                    if n == 0:
+                        continue
+                    if a < kk:  # this bucket reaches into the top K
+                        take = min(n, kk - a)
+                        h += take * r / n
+                        std += full[d] if take == n else _bucket_sum(a, b, n, r, take, harmonic)
+                    if first_hits_exp[k] and b < m:  # this bucket holds some of the first m hits
+                        first += full[d] if b + r <= m else _first_hits_partial(a, b, n, r, m - b)
+                hits_k_exp[i, k] = h
+                std_sum_k_exp[i, k] = std
+                first_sum_k_exp[i, k] = first if first_hits_exp[k] else np.nan
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -395,7 +407,8 @@ def retrieval_metrics(query_codes: np.ndarray, db_codes: np.ndarray, query_label
     step = max(1, int(batch_size))
     for start in range(0, nq, step):
         sl = slice(start, min(nq, start + step))
-        _retrieval_kernel(qw[sl], dw, ql[sl], dl, ks, first_hits_exp, harmonic, *(a[sl] for a in out.values()))
+        _retrieval_kernel(qw[sl], dw, ql[sl], dl, ks, first_hits_exp, harmonic, *(a[sl] for a in out.values()),
+                          numba.get_num_threads())
         if on_batch is not None:
             on_batch(sl.stop, nq)
     return RetrievalResult(ks=ks, relevant=out["n_rel"], ap=out["ap"], ap_expected=out["ap_exp"],
