@@ -39,10 +39,18 @@ def _per_label_query(labels: np.ndarray, per_label: int, rng: np.random.Generato
     return np.sort(np.concatenate(picked))
 
 
+PROTOCOL_KEYS = {"random": ("method", "seed", "query", "query_per_label", "train", "database"),
+                 "fixed": ("method", "seed", "query_from", "train_from", "database_from")}
+
+
 def make_splits(n: int, protocol: dict[str, Any], labels: np.ndarray | None = None,
                 fixed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Row indices (sorted int64) for ``query``, ``train`` and ``database``."""
     method = protocol.get("method", "random")
+    unknown = sorted(set(protocol) - set(PROTOCOL_KEYS.get(method, protocol)))
+    if unknown:  # a misspelt key would otherwise silently fall back to a default protocol
+        raise SplitError(f"[split] {unknown} not understood with method {method!r}; it takes "
+                         f"{', '.join(PROTOCOL_KEYS[method])}")
     seed = int(protocol.get("seed", 0))
     rng = np.random.default_rng(seed)
     if method == "fixed":
@@ -56,11 +64,18 @@ def make_splits(n: int, protocol: dict[str, Any], labels: np.ndarray | None = No
             if missing:
                 raise SplitError(f"split {part}_from names {missing}; the dataset's lists are {sorted(fixed)}")
             out[part] = np.unique(np.concatenate([np.asarray(fixed[x], dtype=np.int64) for x in names]))
+            if not out[part].size:
+                raise SplitError(f"split {part}_from = {names} selects no rows; the dataset's lists are "
+                                 f"{ {k: len(v) for k, v in fixed.items()} }")
         return out
     if method != "random":
         raise SplitError(f"unknown split method {method!r}; use 'random' or 'fixed'")
 
     if "query_per_label" in protocol:
+        if "query" in protocol:
+            raise SplitError("[split] sets both query and query_per_label; keep one")
+        if int(protocol["query_per_label"]) < 1:
+            raise SplitError(f"query_per_label = {protocol['query_per_label']} must be at least 1")
         if labels is None:
             raise SplitError("query_per_label needs labels; this dataset has none, use query = N instead")
         query = _per_label_query(labels, int(protocol["query_per_label"]), rng)
@@ -79,6 +94,8 @@ def make_splits(n: int, protocol: dict[str, Any], labels: np.ndarray | None = No
         train = rest.copy()
     else:
         n_train = int(n_train)
+        if n_train < 1:
+            raise SplitError(f"train = {n_train} must be at least 1 (or \"all\")")
         if n_train > rest.size:
             raise SplitError(f"train = {n_train} exceeds the {rest.size} non-query items")
         train = np.sort(rng.choice(rest, size=n_train, replace=False))

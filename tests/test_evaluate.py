@@ -162,7 +162,7 @@ def test_cli_prints_the_table_and_json(synthetic):
 
 
 # -- real data: the WIKI protocol --------------------------------------------------------------------
-def test_wiki_protocol_perfect_and_noisy_codes(wiki_dir, tmp_path):
+def test_wiki_protocol_perfect_codes_and_chance(wiki_dir, tmp_path):
     """WIKI's own lists as the split (693 queries, 2,173 database items), its real labels and features:
     codes that are a function of the class score exactly 1; the baseline scores near chance cross-modally."""
     c = read_dataset("wiki-mat", wiki_dir)
@@ -188,3 +188,44 @@ def test_wiki_protocol_perfect_and_noisy_codes(wiki_dir, tmp_path):
     per_class = [np.mean((1 + (p - 1) * (r - 1) / (n - 1)) / p) for r in db_counts]
     assert report["chance"]["map_all"] == pytest.approx(np.mean([per_class[k] for k in q_classes]), rel=1e-9)
     assert abs(by[("random-projection", "i2t")]["map_all"] - report["chance"]["map_all"]) < 0.05
+
+
+# -- protocols: the [split] tables of the shipped pipelines --------------------------------------------
+def test_mirflickr_protocol_on_the_real_labels(mirflickr_dir):
+    """DJSRH/JDSH/CFRH on the 20,015 cleaned pairs: 2,000 queries, 5,000 training pairs drawn from the
+    18,015-pair database (all but the queries); seeded, so every run and method sees the same rows."""
+    import scipy.io
+
+    labels = scipy.io.loadmat(mirflickr_dir / "mirflickr25k-lall.mat")["LAll"]
+    protocol = load_pipeline("mirflickr25k").split
+    s = make_splits(len(labels), protocol, labels=labels)
+    assert [len(s[k]) for k in ("query", "train", "database")] == [2000, 5000, 18015]
+    assert not np.intersect1d(s["query"], s["database"]).size and np.isin(s["train"], s["database"]).all()
+    np.testing.assert_array_equal(make_splits(len(labels), protocol, labels=labels)["query"], s["query"])
+    assert labels[s["query"]].any(1).all()  # the cleaned set: every pair has a concept
+
+
+def test_nuswide_and_coco_protocols():
+    rng = np.random.default_rng(0)
+    n = 186_577  # NUS-WIDE TC-10 pairs
+    labels = (rng.random((n, 10)) < 0.15).astype(np.uint8)
+    labels[np.arange(n), rng.integers(0, 10, n)] = 1
+    s = make_splits(n, load_pipeline("nuswide").split, labels=labels)
+    assert [len(s[k]) for k in ("query", "train", "database")] == [2000, 5000, n - 2000]
+    assert (labels[s["query"]].sum(0) >= 200).all()
+    assert not np.intersect1d(s["query"], s["database"]).size
+    s = make_splits(123_287, load_pipeline("coco").split)
+    assert [len(s[k]) for k in ("query", "train", "database")] == [5000, 10000, 118_287]
+
+
+def test_misspelt_or_contradictory_split_settings_fail():
+    from cfrh.splits import SplitError
+
+    with pytest.raises(SplitError, match=r"\['querry'\] not understood"):
+        make_splits(100, {"querry": 10})
+    with pytest.raises(SplitError, match="both query and query_per_label"):
+        make_splits(100, {"query": 10, "query_per_label": 2}, labels=np.ones((100, 2)))
+    with pytest.raises(SplitError, match="at least 1"):
+        make_splits(100, {"query": 10, "train": 0})
+    with pytest.raises(SplitError, match="selects no rows"):
+        make_splits(10, {"method": "fixed"}, fixed={"train": np.arange(10), "test": np.arange(0)})
