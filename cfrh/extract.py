@@ -46,6 +46,7 @@ FEATURE_DEFAULTS: dict[str, Any] = {
     "device": "auto", "precision": "auto", "batch_size": 32, "workers": "auto", "block_rows": 1024,
     "text": "auto", "min_df": 1, "max_features": 0,
 }
+AUTO_WORKERS_MIN_IMAGES = 2000  # below this, spawning workers costs more than it saves
 VERSIONED = ("cfrh", "torch", "transformers", "zarr", "numpy", "scikit-learn", "pillow", "fsspec")
 
 ImagesCallback = Callable[[int, int, float], None]  # (images done this run, images to do this run, seconds)
@@ -167,16 +168,18 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _workers(setting: Any, n_batches: int, gpu: bool) -> int:
-    """``auto``: no worker processes for a handful of batches (spawning costs seconds); on a GPU, where
-    decoding is the bottleneck, every core but one (at most 16); on the CPU, where the model is (decoding
-    costs ~5% of a ViT-B/32 forward pass), up to 4, leaving the cores to the model."""
+def _workers(setting: Any, n_images: int, gpu: bool) -> int:
+    """Decoding worker processes for ``auto``. A spawned worker costs seconds of CPU to start (it imports
+    torch and transformers), so small jobs decode in a background thread of this process instead. On a GPU
+    decoding is the bottleneck: every core but one (at most 16). On the CPU the model is (decoding and
+    preprocessing cost ~5% of a ViT-B/32 forward pass), and a worker only takes cores from it, so one
+    worker per 4 cores (none on a small machine), at most 4."""
     if setting not in ("auto", None):
         return max(0, int(setting))
-    if n_batches < 4:
+    cores = os.cpu_count() or 2
+    if n_images < AUTO_WORKERS_MIN_IMAGES:
         return 0
-    spare = max(1, (os.cpu_count() or 2) - 1)
-    return min(16 if gpu else 4, spare)
+    return min(16, max(1, cores - 1)) if gpu else min(4, cores // 4)
 
 
 @dataclass
@@ -234,7 +237,7 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
                     ) -> tuple[dict[int, str], dict[str, Any]]:
     """Image embeddings of every row into the staging array, block by block (resumable).
     Returns (failed row → reason, what this run did: device, precision, throughput)."""
-    from .features.image import ImageBatches, image_loader, load_clip
+    from .features.image import ImageBatches, Prefetch, image_loader, load_clip
 
     n, dim = len(c), plan.spec.dim
     block_rows, batch_size = int(plan.feats["block_rows"]), int(plan.feats["batch_size"])
@@ -248,11 +251,12 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
     # Batches never cross a block boundary, so a redone block sees exactly the batches it saw before.
     batches = [np.arange(s, min(s + batch_size, e)) for _, start, e in pending for s in range(start, e, batch_size)]
     total = sum(e - s for _, s, e in pending)
-    workers = _workers(plan.feats["workers"], len(batches), gpu=plan.device.type == "cuda")
+    workers = _workers(plan.feats["workers"], total, gpu=plan.device.type == "cuda")
     dataset = ImageBatches([str(p) for p in c.image_paths or []], batches, plan.spec.processor,
                            plan.spec.pixel_shape)
-    batches_iter = iter(image_loader(dataset, workers, pin_memory=plan.device.type == "cuda"))
-    # Workers are decoding the first batches already while the weights load.
+    # Worker processes (if any) start now and decode the first batches while the weights load; the
+    # prefetch thread keeps decoded batches ready (or decodes itself, with no workers) while the model runs.
+    batches_iter = Prefetch(iter(image_loader(dataset, workers, pin_memory=plan.device.type == "cuda")))
     encoder = load_clip(plan.spec, plan.device, plan.precision)
     log.info("extracting %d images in %d blocks (%s, %s, %d workers)", total, len(pending), encoder.device,
              encoder.precision, workers)
@@ -288,7 +292,7 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
             if on_images is not None:
                 on_images(n_done, total, time.perf_counter() - t0)
     finally:
-        del batches_iter  # shuts the worker processes down, also when interrupted
+        batches_iter.close()  # stops the prefetch thread and the worker processes, also when interrupted
     seconds = time.perf_counter() - t0
     return failures, {**encoder.info, "workers": workers, "batch_size": batch_size,
                       "throughput": {"images": n_done, "seconds": round(seconds, 3),

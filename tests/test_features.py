@@ -174,3 +174,22 @@ def test_impossible_vocabulary_is_a_clear_error():
         BowVectoriser(kind="tags", min_df=5).fit(["a b", "c d"])
     with pytest.raises(TextFeatureError, match="features.text"):
         BowVectoriser(kind="sentences")
+
+
+def test_prefetch_keeps_order_reraises_and_stops():
+    from cfrh.features.image import Prefetch
+
+    assert list(Prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    it = Prefetch(failing())
+    assert next(it) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+    endless = Prefetch(iter(lambda: 0, 1), depth=2)  # never ends on its own
+    assert next(endless) == 0
+    endless.close()
+    assert not endless._thread.is_alive()

@@ -20,12 +20,14 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import re
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -379,6 +381,62 @@ class ImageBatches(torch.utils.data.Dataset):
                     except Exception as err:  # noqa: BLE001
                         errors[i] = f"image preprocessing failed: {type(err).__name__}"
         return rows, torch.from_numpy(pixels), errors
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Prefetch:
+    """Iterate ``iterable`` in a background thread, at most ``depth`` items ahead, so that decoding overlaps
+    the model even without worker processes (PIL's decoders and resampling and numpy release the GIL).
+    The thread starts at once (it decodes while the weights load); errors are re-raised to the consumer;
+    :meth:`close` stops it and lets go of the iterable (a DataLoader iterator then shuts its workers down)."""
+
+    _END = object()
+
+    def __init__(self, iterable: Iterable[Any], depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._iterable: Iterable[Any] | None = iterable
+        self._thread = threading.Thread(target=self._run, name="cfrh-image-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._iterable or ():
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self._put(_Failed(err))
+
+    def __iter__(self) -> "Prefetch":
+        return self
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(self._END)  # stays exhausted
+            raise StopIteration
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._iterable = None
 
 
 def image_loader(dataset: ImageBatches, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
