@@ -257,7 +257,9 @@ class PRCurve:
     coverage: np.ndarray  # fraction of queries that retrieve at least one item within the radius
 
     def to_dict(self) -> dict[str, list]:
-        return {k: getattr(self, k).tolist() for k in ("radius", "precision", "recall", "coverage")}
+        """Plain lists for JSON; an undefined precision (no query retrieves anything) becomes None."""
+        return {k: [None if v != v else v for v in getattr(self, k).tolist()]
+                for k in ("radius", "precision", "recall", "coverage")}
 
 
 @dataclass

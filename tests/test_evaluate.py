@@ -114,7 +114,7 @@ def test_report_files_are_written_next_to_the_codes(synthetic):
     base = Path(cache.path) / "runs" / "cfrh" / "report"
     assert sorted(p.name for p in base.iterdir()) == ["pr_curves.png", "report.json", "report.md",
                                                       "topn_precision.png"]
-    stored = json.loads((base / "report.json").read_text())
+    stored = json.loads((base / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert stored["results"] == report["results"] and stored["bits"] == [32]
     assert [r["method"] for r in stored["results"]] == ["cfrh", "cfrh"]
     curve = stored["curves"]["cfrh"]["32"]["i2t"]

@@ -35,11 +35,12 @@ def reference_query(dist: np.ndarray, relevant: np.ndarray, ks: list[int]) -> di
 def reference_metrics(qc: np.ndarray, dc: np.ndarray, ql: np.ndarray, dl: np.ndarray, ks: list[int]) -> list[dict]:
     """The per-query reference loop (what the field's calc_map does, with float distances)."""
     qf, df = unpack_codes(qc).astype(np.float64), unpack_codes(dc).astype(np.float64)
+    qlf, dlf = ql.astype(np.float64), dl.astype(np.float64)
     bits = qf.shape[1]
     out = []
     for i in range(qf.shape[0]):
         dist = 0.5 * (bits - df @ qf[i])
-        relevant = (dl.astype(np.float64) @ ql[i].astype(np.float64)) > 0
+        relevant = (dlf @ qlf[i]) > 0
         out.append(reference_query(dist, relevant, ks))
     return out
 

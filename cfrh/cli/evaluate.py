@@ -49,6 +49,7 @@ def evaluate(pipeline: Pipeline, cache_root: str | None, run: str, bits: list[in
 
         report = run_evaluate(pipeline, cache_root, run=run, bits=bits, map_k=topk, baseline=baseline,
                               directions=list(directions) or None, on_batch=on_batch)
+        bar.update(task, description="scored")
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "curves"}, indent=1))
         return
