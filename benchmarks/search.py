@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="queries per batch")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--bits", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (best is kept)")
+    parser.add_argument("--reps", type=int, default=2, help="timed repetitions (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="threads for both (default: all cores)")
     parser.add_argument("--hnsw-n", type=int, default=100_000, help="codes for the HNSW run (0: skip; builds slowly)")
     parser.add_argument("--no-approx", action="store_true", help="skip the approximate-search part")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -131,12 +131,16 @@ class CodeEncoder:
     """A trained model plus the cache's feature extractors: new images or texts → packed codes."""
 
     def __init__(self, cache: FeatureCache, run: str = "cfrh", bits: int = 64, image_model: str | None = None,
-                 device: str = "auto", batch_size: int = 32):
+                 device: str = "auto", batch_size: int = 32, workers: int = 0,
+                 on_images: Callable[[int, int], None] | None = None):
+        """``workers``: image-decoding processes (0: decode in this process; worth it for large folders);
+        ``on_images(done, total)`` is called after each batch of images (progress bars)."""
         from .model import load_model
 
         self.cache, self.run, self.bits = cache, run, int(bits)
         self.model: CFRHModel = load_model(cache, run, self.bits)
         self.image_model, self.device, self.batch_size = image_model, device, int(batch_size)
+        self.workers, self.on_images = int(workers), on_images
         self._image: ClipImageEncoder | None = None
         self._text: BowVectoriser | None = None
 
@@ -152,7 +156,7 @@ class CodeEncoder:
 
     def image_features(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
         """(float16 embeddings of the images that decode, their input positions, (path, reason) of the rest)."""
-        from .features.image import ImageBatches
+        from .features.image import ImageBatches, image_loader
 
         if self._image is None:
             self._image = image_encoder(self.cache, self.image_model, self.device)
@@ -163,8 +167,9 @@ class CodeEncoder:
         feats = np.zeros((len(paths), enc.dim), dtype=np.float16)
         ok = np.zeros(len(paths), dtype=bool)
         skipped: dict[int, str] = {}
-        for k in range(len(data)):
-            rows, pixels, errors = data[k]
+        done = 0
+        for rows, pixels, errors in image_loader(data, self.workers if len(batches) > 1 else 0):
+            rows = np.asarray(rows, dtype=np.int64)  # the DataLoader hands numpy arrays back as tensors
             emb = enc.embed(pixels).numpy()
             reasons = np.asarray(errors, dtype=object)
             reasons[(reasons == "") & ~np.isfinite(emb).all(axis=1)] = "image embedding not finite"
@@ -172,6 +177,9 @@ class CodeEncoder:
             feats[rows[good]] = emb[good].astype(np.float16)  # the precision extraction stores
             ok[rows[good]] = True
             skipped.update(zip(rows[~good].tolist(), reasons[~good].tolist()))
+            done += len(rows)
+            if self.on_images is not None:
+                self.on_images(done, len(paths))
         kept = np.flatnonzero(ok).tolist()
         return feats[ok], kept, [(paths[i], r) for i, r in sorted(skipped.items())]
 

@@ -15,7 +15,8 @@ When fewer than k items exist, the missing slots hold index -1 and distance :dat
 (int32 max, faiss' convention), keeping every row sorted by distance.
 
 Approximate search wraps faiss: ``kind="ivf"`` (``IndexBinaryIVF``: k-means over the codes,
-``nprobe`` of ``nlist`` lists visited) or ``kind="hnsw"`` (``IndexBinaryHNSW``, graph search with
+``nprobe`` of ``nlist`` lists visited; ``nlist`` defaults to √N, which keeps k-means on its
+64·nlist-code sample to seconds at a million codes) or ``kind="hnsw"`` (``IndexBinaryHNSW``, graph search with
 ``ef_search``). The faiss structure is built on first search over the codes added so far (IVF
 trains its lists then, on a seeded sample) and extended by later adds. :func:`recall_at_k`
 measures it against exact search.
@@ -321,7 +322,7 @@ class HammingIndex:
         n = self._codes.shape[0]
         if self._ann is None:
             if self.kind == "ivf":
-                nlist = self.params["nlist"] or max(1, min(int(4 * math.sqrt(n)), n // IVF_TRAIN_PER_LIST or 1))
+                nlist = self.params["nlist"] or max(1, min(int(math.sqrt(n)), n // IVF_TRAIN_PER_LIST or 1))
                 if nlist > n:
                     raise HammingIndexError(f"an IVF index with nlist={nlist} needs at least {nlist} codes, has {n}; "
                                             f"lower nlist or use kind='flat'")

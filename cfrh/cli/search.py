@@ -14,7 +14,7 @@ from ..cache import open_pipeline_cache
 from ..config import Pipeline
 from ..encode import CodeEncoder, Encoded, EncodeError, expand_image_paths, require_computed
 from ..index import run_codes, search_cache
-from .common import cli, console, pipeline_options
+from .common import cli, console, pipeline_options, progress
 
 RUN_OPTIONS = (
     click.option("--run", default="cfrh", show_default=True, help="Training run whose model and codes to use."),
@@ -55,11 +55,13 @@ def _report_skips(result: Encoded, total: int, what: str) -> None:
 @click.option("--texts", multiple=True, metavar="TEXT", help="Texts to encode; repeatable.")
 @click.option("--text-file", type=click.Path(exists=True, dir_okay=False), help="A UTF-8 file, one text per line.")
 @run_options
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Image-decoding worker processes (worth it for folders of thousands of images).")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True),
               help="Write the codes: .npy (N, bits/8) uint8 packed rows, or .json (inputs with hex codes).")
 def encode(pipeline: Pipeline, cache_root: str | None, more: tuple[str, ...], images: tuple[str, ...],
            texts: tuple[str, ...], text_file: str | None, run: str, bits: int, image_model: str | None,
-           device: str, out: str | None) -> None:
+           device: str, workers: int, out: str | None) -> None:
     """Hash new images or texts with a trained model, through the cache's own feature extractor settings
     and vocabulary (read from its manifest), so the codes compare with the cache's codes."""
     if bool(images) + bool(texts or text_file) != 1:
@@ -78,8 +80,12 @@ def encode(pipeline: Pipeline, cache_root: str | None, more: tuple[str, ...], im
             inputs += [line.rstrip("\r\n") for line in Path(text_file).read_text(encoding="utf-8").splitlines()]
     cache = open_pipeline_cache(pipeline, cache_root)
     require_computed(cache, modality)
-    encoder = CodeEncoder(cache, run, bits, image_model=image_model, device=device)
-    result = encoder.encode(modality, inputs)
+    with progress() as bar:
+        task = bar.add_task(f"{modality}s", total=len(inputs), info="")
+        encoder = CodeEncoder(cache, run, bits, image_model=image_model, device=device, workers=workers,
+                              on_images=lambda done, total: bar.update(task, completed=done))
+        result = encoder.encode(modality, inputs)
+        bar.update(task, completed=len(inputs))
     _report_skips(result, len(inputs), f"{modality}s")
 
     if out is None:
