@@ -237,7 +237,7 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
                     ) -> tuple[dict[int, str], dict[str, Any]]:
     """Image embeddings of every row into the staging array, block by block (resumable).
     Returns (failed row → reason, what this run did: device, precision, throughput)."""
-    from .features.image import ImageBatches, Prefetch, image_loader, load_clip
+    from .features.image import embed_decoded, load_clip, start_decoding
 
     n, dim = len(c), plan.spec.dim
     block_rows, batch_size = int(plan.feats["block_rows"]), int(plan.feats["batch_size"])
@@ -252,28 +252,20 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
     batches = [np.arange(s, min(s + batch_size, e)) for _, start, e in pending for s in range(start, e, batch_size)]
     total = sum(e - s for _, s, e in pending)
     workers = _workers(plan.feats["workers"], total, gpu=plan.device.type == "cuda")
-    dataset = ImageBatches([str(p) for p in c.image_paths or []], batches, plan.spec.processor,
-                           plan.spec.pixel_shape)
-    # Worker processes (if any) start now and decode the first batches while the weights load; the
-    # prefetch thread keeps decoded batches ready (or decodes itself, with no workers) while the model runs.
-    batches_iter = Prefetch(iter(image_loader(dataset, workers, pin_memory=plan.device.type == "cuda")))
-    encoder = load_clip(plan.spec, plan.device, plan.precision)
-    log.info("extracting %d images in %d blocks (%s, %s, %d workers)", total, len(pending), encoder.device,
-             encoder.precision, workers)
-    t0 = time.perf_counter()
-    n_done = 0
+    # Decoding starts now (worker processes, or the prefetch thread), while the weights load.
+    decoded = start_decoding(plan.spec, c.image_paths or [], batches, workers, pin_memory=plan.device.type == "cuda")
     try:
+        encoder = load_clip(plan.spec, plan.device, plan.precision)
+        log.info("extracting %d images in %d blocks (%s, %s, %d workers)", total, len(pending), encoder.device,
+                 encoder.precision, workers)
+        t0 = time.perf_counter()
+        n_done = 0
         block_iter = iter(pending)
         b, start, stop = next(block_iter)
         buf = np.zeros((stop - start, dim), dtype=np.float16)
         filled, block_failures = 0, {}
-        for rows, pixels, errors in batches_iter:
-            rows = np.asarray(rows, dtype=np.int64)  # the DataLoader hands numpy arrays back as tensors
-            emb = encoder.embed(pixels).numpy()
-            reasons = np.asarray(errors, dtype=object)
-            reasons[(reasons == "") & ~np.isfinite(emb).all(axis=1)] = "image embedding not finite"
+        for rows, emb, reasons in embed_decoded(encoder, decoded):
             bad = reasons != ""
-            emb[bad] = 0.0
             buf[rows - start] = emb
             block_failures.update(zip(rows[bad].tolist(), reasons[bad].tolist()))
             filled += len(rows)
@@ -292,7 +284,7 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
             if on_images is not None:
                 on_images(n_done, total, time.perf_counter() - t0)
     finally:
-        batches_iter.close()  # stops the prefetch thread and the worker processes, also when interrupted
+        decoded.close()  # stops the prefetch thread and the worker processes, also when interrupted
     seconds = time.perf_counter() - t0
     return failures, {**encoder.info, "workers": workers, "batch_size": batch_size,
                       "throughput": {"images": n_done, "seconds": round(seconds, 3),

@@ -453,3 +453,26 @@ def image_loader(dataset: ImageBatches, workers: int, pin_memory: bool = False) 
         kwargs = {"multiprocessing_context": "spawn", "prefetch_factor": 2}
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=pin_memory, **kwargs)
+
+
+def start_decoding(spec: ClipSpec, paths: Sequence[str | os.PathLike], batches: Sequence[np.ndarray],
+                   workers: int = 0, pin_memory: bool = False) -> Prefetch:
+    """Begin decoding and preprocessing ``batches`` (row-index arrays into ``paths``) ahead of the model:
+    in ``workers`` spawned processes, or in the prefetch thread when 0. Call it before loading the weights
+    so the first batches are ready when the model is; close the result when done."""
+    data = ImageBatches([str(p) for p in paths], batches, spec.processor, spec.pixel_shape)
+    return Prefetch(iter(image_loader(data, workers, pin_memory=pin_memory)))
+
+
+def embed_decoded(encoder: ClipImageEncoder, decoded: Iterable[tuple[Any, torch.Tensor, list[str]]],
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per decoded batch: (rows int64, float16 unit embeddings with failed rows zeroed, reasons as an
+    object array: "" for a good row, else why it failed — decoding, preprocessing, or a non-finite
+    embedding). The one loop extraction and encoding share, so a failed image never yields a row."""
+    for rows, pixels, errors in decoded:
+        rows = np.asarray(rows, dtype=np.int64)  # the DataLoader hands numpy arrays back as tensors
+        emb = encoder.embed(pixels).numpy()
+        reasons = np.asarray(errors, dtype=object)
+        reasons[(reasons == "") & ~np.isfinite(emb).all(axis=1)] = "image embedding not finite"
+        emb[reasons != ""] = 0.0
+        yield rows, emb.astype(np.float16), reasons
