@@ -81,7 +81,7 @@ def _topk_kernel(queries: np.ndarray, blocks: np.ndarray, n: int, k: int, tile: 
     nq = queries.shape[0]
     n_blocks, _, block = blocks.shape
     n_bins = nw * 64 + 2  # distances 0..bits, and bits + 1 meaning "accept anything"
-    cap = max(2 * k, 512)
+    cap = min(max(2 * k, 512), n)  # never full when it can hold the whole database
     for t in numba.prange((nq + tile - 1) // tile):
         q0 = t * tile
         m = min(nq, q0 + tile) - q0
