@@ -114,15 +114,17 @@ def _distance_relevance(qc, dc, ql, dl, buf):
         q0, l0 = qc[0], ql[0]
         for j in range(ndb):
             buf[j] = np.uint16(popcount64(q0 ^ dc[j, 0]) * 2 + ((l0 & dl[j, 0]) != 0))
-    else:
+    else:  # word by word over the whole database: each inner loop vectorises like the one-word case
         for j in range(ndb):
-            d = 0
-            for w in range(nw):
-                d += popcount64(qc[w] ^ dc[j, w])
-            r = 0
-            for w in range(nlw):
-                r |= (ql[w] & dl[j, w]) != 0
-            buf[j] = np.uint16(d * 2 + r)
+            buf[j] = np.uint16((ql[0] & dl[j, 0]) != 0)
+        for w in range(1, nlw):
+            lw = ql[w]
+            for j in range(ndb):
+                buf[j] |= np.uint16((lw & dl[j, w]) != 0)
+        for w in range(nw):
+            qw = qc[w]
+            for j in range(ndb):
+                buf[j] += np.uint16(popcount64(qw ^ dc[j, w]) * 2)
 
 
 @numba.njit(cache=True)
