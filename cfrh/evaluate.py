@@ -108,6 +108,9 @@ def load_codes(cache: FeatureCache, run: str, bits: int) -> dict[str, np.ndarray
     codes = {}
     for modality in ("image", "text"):
         path = f"runs/{run}/{bits}/{modality}_codes"
+        if not cache.has(path):
+            raise EvaluateError(f"{cache.url}: {path} is missing although run {run!r} lists {bits} bits as complete; "
+                                f"retrain it with `cfrh train --bits {bits} --no-resume`")
         arr = cache.array(path)
         if tuple(arr.shape) != (cache.n_items, bits // 8) or np.dtype(arr.dtype) != np.uint8:
             raise EvaluateError(f"{cache.url}: {path} is {arr.dtype} {arr.shape}, expected uint8 "

@@ -144,6 +144,9 @@ def test_missing_codes_labels_and_bad_settings_fail_clearly(synthetic, tmp_path)
     with pytest.raises(EvaluateError, match="no labels"):
         evaluate(load_pipeline(write_pipeline(tmp_path, "nolabels", split="query = 5")), tmp_path / "c2")
     assert unlabelled.n_items == 50
+    del cache.group["runs/cfrh/16/text_codes"]
+    with pytest.raises(EvaluateError, match="text_codes is missing.*cfrh train --bits 16 --no-resume"):
+        evaluate(pipe, root, bits=[16])
 
 
 def test_cli_prints_the_table_and_json(synthetic):
