@@ -1,4 +1,5 @@
-# Set-up and the three stages. PIPELINE names a file in pipelines/ (or a path to one).
+# Set-up and the stages. PIPELINE names a file in pipelines/ (or a path to one); ARGS are passed to the command,
+# e.g. make train PIPELINE=wiki ARGS="--bits 64" or make search PIPELINE=demo ARGS='--text "red circle"'.
 PYTHON   ?= python3
 VENV     ?= .venv
 PIPELINE ?= demo
@@ -29,8 +30,12 @@ train: setup
 evaluate: setup
 	$(CFRH) evaluate $(PIPELINE) $(ARGS)
 
+search: setup
+	$(CFRH) search $(PIPELINE) $(ARGS)
+
+# CLIP_MODEL: a hub id or local checkpoint directory; without one the demo says plainly that it is untrained.
 demo: setup
-	$(CFRH) demo $(ARGS)
+	$(CFRH) demo $(if $(CLIP_MODEL),--model "$(CLIP_MODEL)") $(ARGS)
 
 benchmarks: setup
 	for b in benchmarks/*.py; do $(VENV)/bin/python $$b || exit 1; done

@@ -168,6 +168,14 @@ class FeatureCache:
     def is_complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
+    def warnings(self) -> list[str]:
+        """What anyone reading a number derived from this cache must know (e.g. untrained image features)."""
+        weights = str(self.request.get("image", {}).get("weights", ""))
+        if weights.startswith("random-init"):
+            return [f"image features come from an UNTRAINED CLIP ({weights}): retrieval numbers from this cache "
+                    f"do not reflect real quality; extract with pretrained weights for real numbers"]
+        return []
+
     def update_manifest(self, **fields: Any) -> None:
         m = self.manifest
         m.update(_jsonable(fields))

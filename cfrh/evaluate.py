@@ -229,6 +229,7 @@ def markdown(report: dict) -> str:
     cols = table_columns(report)
     head = ["method", "bits", "direction", *(title for _, title in cols)]
     lines = [f"# Evaluation of `{report['pipeline']}`, run `{report['run']}`", "",
+             *[f"> **WARNING: {w}**\n" for w in report.get("warnings", [])],
              f"- cache: `{report['cache']}`", f"- created: {report['created']}",
              f"- protocol: {p['n_query']:,} queries, {p['n_database']:,} database items, {p['n_labels']} labels; "
              f"split `{json.dumps(p['split'], sort_keys=True)}`",
@@ -340,6 +341,8 @@ def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh
                                                "top K (DPSH/ADSH calc_topMap)"}[config.map_k_rule],
                         "pr": "precision averaged over queries retrieving something within the radius; "
                               "recall over queries with a relevant item"},
+        "features": {"image": cache.request.get("image", {}), "text": cache.request.get("text", {})},
+        "warnings": cache.warnings(),
         "train_config": run_attrs.get("config", {}), "notes": notes,
         "chance": chance_level(protocol, config), "results": results, "curves": curve_data,
     }

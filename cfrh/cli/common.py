@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from typing import Any, Callable
 
 import click
@@ -11,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import Pipeline, load_pipeline
 
-console = Console()
+# Piped output (CI logs, `| tee`) gets a wide fixed width instead of rich's 80 columns, so tables stay whole.
+console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160)))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

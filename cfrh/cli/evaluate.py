@@ -74,5 +74,7 @@ def evaluate(pipeline: Pipeline, cache_root: str | None, run: str, bits: list[in
                   f"{report['definitions']['map_k']}", highlight=False)
     for note in report["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
+    for warning in report.get("warnings", []):
+        console.print(f"[bold red]WARNING:[/bold red] {warning}", highlight=False)
     for name, path in report.get("files", {}).items():
         console.print(f"wrote {path}", highlight=False)
