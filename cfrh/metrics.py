@@ -84,10 +84,11 @@ def _bucket_sum(a: int, b: int, n: int, r: int, m: int, harmonic: np.ndarray) ->
 def _first_hits_partial(a: int, b: int, n: int, r: int, mp: int) -> float:
     """E[Σ_{j=1..mp} (b + j) / (a + pos_j)] where pos_j is the position of the j-th relevant item of a
     bucket of n items (r relevant, mp < r) in a uniformly random order: the tie-aware share of the
-    bucket in which the "djsrh" AP@K stops counting. A Markov chain over hits-so-far (< mp)."""
+    bucket in which the "djsrh" AP@K stops counting. A Markov chain over hits-so-far (< mp): O(mp) per
+    position until the mp-th hit is (almost surely) found, about mp·n/r positions — so O(n·K) at worst,
+    for a huge tie holding few relevant items (e.g. collapsed codes)."""
     prob = np.zeros(mp)
     prob[0] = 1.0
-    alive = 1.0
     total = 0.0
     for p in range(1, n - r + mp + 1):
         remaining = n - p + 1
@@ -98,10 +99,13 @@ def _first_hits_partial(a: int, b: int, n: int, r: int, mp: int) -> float:
             prob[l] -= move
             if l + 1 < mp:
                 prob[l + 1] += move
-            else:
-                alive -= move
         total += s / (a + p)
-        if alive < 1e-18:  # every path has found its mp-th hit; what is left cannot move the sum
+        # Stop once the chance of fewer than mp hits so far is negligible: each later step adds at most that
+        # chance (a precision is <= 1), and summing it (not 1 − absorbed mass) keeps it accurate near zero.
+        alive = 0.0
+        for l in range(min(mp, p + 1)):
+            alive += prob[l]
+        if alive < 1e-17 / mp:
             break
     return total
 
