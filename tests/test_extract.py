@@ -170,6 +170,16 @@ def test_other_settings_fail_with_the_differences(tiny_clip, dataset_dir, tmp_pa
     assert redone.cache.manifest["request"]["split"]["seed"] == 5 and not redone.resumed
 
 
+def test_cache_root_may_be_an_fsspec_url(tiny_clip, dataset_dir, tmp_path):
+    pipe = load_pipeline(_pipeline_file(tmp_path, dataset_dir, tiny_clip))
+    root = f"memory://cfrh-tests/{tmp_path.name}"
+    local = extract(pipe, tmp_path / "cache")
+    shared = extract(pipe, root)
+    assert shared.cache.url.startswith("memory://") and shared.cache.verify() == []
+    assert shared.cache.manifest["checksums"] == local.cache.manifest["checksums"]
+    assert extract(pipe, root).already_complete
+
+
 def test_pipeline_and_dataset_must_agree_on_image_features(tiny_clip, dataset_dir, tmp_path):
     pipe = load_pipeline(_pipeline_file(tmp_path, dataset_dir, tiny_clip), ["features.image_model='precomputed'"])
     with pytest.raises(ExtractError, match="must name a CLIP model"):
