@@ -400,7 +400,7 @@ def test_generate_shapes_is_deterministic_and_readable(tmp_path):
         words = row["tags"].split()
         colours, shapes = words[0::2], words[1::2]
         assert 1 <= len(shapes) <= 3 and set(colours) <= set(COLOURS) and set(shapes) <= set(SHAPES)
-        assert row["labels"] == sorted(set(words))
+        assert row["labels"] == sorted({f"{c} {s}" for c, s in zip(colours, shapes)})
         assert all(f"{c} {s}" in row["text"] for c, s in zip(colours, shapes))
     mtime = os.stat(a / "captions.jsonl").st_mtime_ns
     generate_shapes(tmp_path / "a", n=40, seed=3, size=48)
@@ -410,7 +410,8 @@ def test_generate_shapes_is_deterministic_and_readable(tmp_path):
 
     c = read_dataset("folder", a, text_field="tags")
     assert len(c) == 30 and c.text_kind == "tags" and c.ids[0] == "shapes-00000"
-    assert set(c.label_names) <= set(COLOURS) | set(SHAPES) and (c.labels.sum(1) >= 2).all()
+    assert set(c.label_names) <= {f"{c} {s}" for c in COLOURS for s in SHAPES} and (c.labels.sum(1) >= 1).all()
+    np.testing.assert_array_equal(c.labels.sum(1), [len(set(r["labels"])) for r in rows[:30]])
     from PIL import Image
     with Image.open(c.image_paths[0]) as im:
         assert im.size == (48, 48) and im.mode == "RGB"

@@ -6,12 +6,14 @@
                                       colours on a white, grey or black background
     out_dir/captions.jsonl            {"id", "image", "tags", "text", "labels"} per scene, e.g.
                                       tags "red circle blue square", text "a red circle next to a blue
-                                      square on a grey background", labels ["blue", "circle", "red", "square"]
+                                      square on a grey background", labels ["blue square", "red circle"]
     out_dir/shapes.json               the generation settings (a rerun with the same ones is a no-op)
 
 Scene i depends only on (seed, i), so the first k scenes are the same for every n ≥ k. Shapes are
-listed left to right. Labels are the shape classes and colours present (9 possible), so two
-scenes are relevant to each other when they share a shape or a colour.
+listed left to right. Labels are the coloured shapes present ("red circle", 20 possible), so two
+scenes are relevant to each other when both hold the same coloured shape: about one pair in five,
+which leaves room between chance and a good ranking (with shapes and colours as separate labels,
+four pairs in five share one and every method scores near chance).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (215, 38, 45), "green": (46, 160, 67), "blue": (40, 90, 220), "yellow": (240, 200, 30),
            "purple": (135, 60, 175)}
 BACKGROUNDS = {"white": (243, 243, 240), "grey": (128, 128, 128), "black": (24, 24, 28)}
-FORMAT = 1
+FORMAT = 2  # 2: labels are coloured shapes
 ANNOTATIONS = "captions.jsonl"
 _IMAGE_NAME = re.compile(r"^\d{5,}\.jpg$")
 _SUPERSAMPLE = 3
@@ -87,7 +89,7 @@ def describe(objects: list[tuple[str, str]], background: str) -> tuple[str, str,
     else:
         body = f"{', '.join(phrases[:-1])} and {phrases[-1]}"
     tags = " ".join(f"{colour} {shape}" for colour, shape in objects)
-    labels = sorted({x for pair in objects for x in pair})
+    labels = sorted({f"{colour} {shape}" for colour, shape in objects})
     return tags, f"{body} on a {background} background", labels
 
 
