@@ -36,7 +36,7 @@ from cfrh.config import apply_overrides, load_pipeline
 from cfrh.loss import LossWeights
 from cfrh.model import CFRHModel, ModelSpec
 from cfrh.splits import make_splits
-from cfrh.train import TrainConfig, available_threads, make_optimizer, train, training_step
+from cfrh.train import TrainConfig, auto_threads, available_threads, make_optimizer, train, training_step
 
 YALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mirflickr25k" / "mirflickr25k-yall.mat"
 BITS = 64
@@ -106,7 +106,8 @@ def step_pairs_per_second(config: TrainConfig, image: torch.Tensor, text: torch.
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: every core this process may use)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: as cfrh train picks them, the idle cores this process may use)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE")
     ap.add_argument("--sweep", action="store_true", help="also compare threads, batch sizes, precision, optimiser")
@@ -114,7 +115,7 @@ def main() -> None:
     if not YALL.exists():
         sys.exit(f"{YALL}: the MIRFLICKR-25K tag matrix is needed (the benchmark reads it from ../shared)")
 
-    threads = args.threads or available_threads()
+    threads = args.threads or auto_threads()
     pipeline = load_pipeline("mirflickr25k", [*args.overrides, f"train.epochs={args.epochs}",
                                               f"train.threads={threads}", f"train.bits=[{BITS}]"])
     config = TrainConfig.from_dict(pipeline.train)
@@ -161,7 +162,7 @@ def main() -> None:
         for label, change, fused in variants:
             cfg = dataclasses.replace(config, **change)
             print(f"  {label:<22} {step_pairs_per_second(cfg, image, text, fused=fused):8.0f}")
-        for n in sorted({1, threads}):
+        for n in sorted({1, threads, available_threads()}):
             torch.set_num_threads(n)
             print(f"  threads {n:<14} {step_pairs_per_second(config, image, text):8.0f}   "
                   f"(sgemm {sgemm_gflops(reps=args.reps):.1f} GFLOP/s)")

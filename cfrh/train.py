@@ -101,7 +101,7 @@ class TrainConfig:
     in_memory_mb: float = 2048     # load the training split whole when it needs at most this much
     window_blocks: int = 8         # storage blocks per shuffling window when streaming
     drop_last: bool = True         # similarity needs full batches (DJSRH/JDSH drop the last one)
-    threads: int = 0               # torch threads; 0 = every core this process may use
+    threads: int = 0               # torch threads; 0 = the idle cores this process may use (auto_threads)
     checkpoint_every: int = 1      # epochs between checkpoints (the last epoch always writes one)
 
     @classmethod
@@ -368,6 +368,19 @@ def available_threads() -> int:
     return min(n, limit) if limit else n
 
 
+def auto_threads() -> int:
+    """``train.threads = 0``: the cores this process may use, less those other processes keep busy (the
+    1-minute load average). Oversubscribed torch threads spin-wait on each other: on a shared 2-core machine
+    with one other busy process, 2 threads trained WIKI ~10x slower than 1 (measured). The thread count does
+    not change the codes (same losses and codes at 1 and 2 threads, measured)."""
+    n = available_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        busy = 0.0
+    return max(1, min(n, round(n - busy)))
+
+
 def train(pipeline: Pipeline, cache_root: str | None = None, bits: list[int] | None = None, run: str = "cfrh",
           resume: bool = True, progress: bool = True) -> dict:
     """Train every requested bit length of a pipeline from its cache; returns a per-bit summary."""
@@ -385,7 +398,7 @@ def train(pipeline: Pipeline, cache_root: str | None = None, bits: list[int] | N
                          f"{config.batch_size}; lower it with --set train.batch_size=N")
 
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads or available_threads())
+    torch.set_num_threads(config.threads or auto_threads())
     try:
         data = PairBatches(cache, train_rows, config.batch_size, seed=config.seed, in_memory_mb=config.in_memory_mb,
                            window_blocks=config.window_blocks, drop_last=config.drop_last)

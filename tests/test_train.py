@@ -227,3 +227,10 @@ def test_wiki_codes_beat_random_projection(tmp_path, wiki_dir):
     # Measured: trained .25 / .52, random projection .14 / .11 (64 bits, these settings).
     assert i2t > rp_i2t + 0.07, (i2t, rp_i2t)
     assert t2i > rp_t2i + 0.3, (t2i, rp_t2i)
+
+
+def test_auto_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(train_mod, "available_threads", lambda: 4)
+    for load, expected in ((0.0, 4), (1.2, 3), (2.6, 1), (9.0, 1)):
+        monkeypatch.setattr(train_mod.os, "getloadavg", lambda load=load: (load, load, load))
+        assert train_mod.auto_threads() == expected
