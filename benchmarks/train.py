@@ -32,7 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cfrh.cache import FeatureCache, feature_key
-from cfrh.config import apply_overrides, load_pipeline
+from cfrh.config import load_pipeline
 from cfrh.loss import LossWeights
 from cfrh.model import CFRHModel, ModelSpec
 from cfrh.splits import make_splits

@@ -190,7 +190,8 @@ def load_model(cache: FeatureCache, run: str, bits: int) -> CFRHModel:
     weights_path, json_path = model_files(run, bits)
     if not cache.file_exists(json_path):
         have = cache.runs()
-        raise CacheError(f"{cache.url}: no trained {bits}-bit model in run {run!r} (runs: {', '.join(have) or 'none'}); "
+        raise CacheError(f"{cache.url}: no trained {bits}-bit model in run {run!r} "
+                         f"(runs: {', '.join(have) or 'none'}); "
                          f"run `cfrh train` with --bits {bits}" + (f" --run {run}" if run != "cfrh" else ""))
     description = json.loads(cache.read_bytes(json_path))
     if description.get("format") != MODEL_FORMAT:

@@ -134,7 +134,8 @@ class TrainConfig:
                    "rescale": RESCALES, "refine": REFINES, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{where}: train.{name} = {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+                raise ConfigError(f"{where}: train.{name} = {getattr(self, name)!r}; "
+                                  f"choose one of {', '.join(allowed)}")
         if not self.bits or any(b <= 0 or b % 8 for b in self.bits):
             raise ConfigError(f"{where}: bits {self.bits} must be positive multiples of 8 (codes are stored packed)")
         for name in ("epochs", "batch_size", "checkpoint_every", "window_blocks"):
@@ -271,7 +272,13 @@ def _update_run_attrs(cache: FeatureCache, run: str, **changes: Any) -> None:
     group.attrs[RUN_ATTR] = json.loads(json.dumps(attrs))
 
 
-def train_bits(cache: FeatureCache, data: PairBatches, means: tuple[np.ndarray, np.ndarray], config: TrainConfig,
+def _mismatch(cache: FeatureCache, what: str, have: dict, want: dict) -> TrainError:
+    return TrainError(f"{cache.url}: {what} with other settings — {'; '.join(describe_differences(have, want))}. "
+                      f"Pass --no-resume to start over, or --run NAME for a separate run.")
+
+
+def train_bits(cache: FeatureCache, data: PairBatches, feature_means: tuple[np.ndarray, np.ndarray],
+               config: TrainConfig,
                bits: int, run: str, resume: bool, on_batch: Callable[[int, dict[str, float] | None], None]) -> dict:
     """Train one bit length to completion (or resume it), emit its codes, return its summary."""
     paths = run_paths(run, bits)
@@ -285,9 +292,7 @@ def train_bits(cache: FeatureCache, data: PairBatches, means: tuple[np.ndarray, 
     if resume and complete and cache.file_exists(paths["model_json"]):
         done = json.loads(cache.read_bytes(paths["model_json"]))
         if done.get("train_config") != want:
-            raise TrainError(f"{cache.url}: run {run!r} ({bits} bits) was trained with other settings — "
-                             f"{'; '.join(describe_differences(done.get('train_config', {}), want))}. Pass --no-resume to retrain "
-                             f"it, or --run NAME for a separate run.")
+            raise _mismatch(cache, f"run {run!r} ({bits} bits) was trained", done.get("train_config", {}), want)
         history = done.get("history", [])
         return {"skipped": True, "epochs": len(history), "seconds": sum(h["seconds"] for h in history),
                 "loss": history[-1] if history else {}, **{k: paths[k] for k in ("image_codes", "text_codes", "model")}}
@@ -295,16 +300,14 @@ def train_bits(cache: FeatureCache, data: PairBatches, means: tuple[np.ndarray, 
     # Same seed → same initial weights, whatever bit lengths ran before in this process.
     torch.manual_seed(config.seed * 1_000_003 + bits)
     model = CFRHModel(spec)
-    model.set_means(*means)
+    model.set_means(*feature_means)
     optimizer = make_optimizer(model, config)
     weights = LossWeights(intra=config.w_intra, cross=config.w_cross, recon=config.w_recon, pair=config.w_pair)
     start_epoch, history = 0, []
     if resume and cache.file_exists(paths["checkpoint"]):
         header, tensors = load_checkpoint(cache, paths["checkpoint"])
         if header["config"] != want:
-            raise TrainError(f"{cache.url}: the checkpoint of run {run!r} ({bits} bits) has other settings — "
-                             f"{'; '.join(describe_differences(header['config'], want))}. Pass --no-resume to start over, or "
-                             f"--run NAME for a separate run.")
+            raise _mismatch(cache, f"the checkpoint of run {run!r} ({bits} bits) was made", header["config"], want)
         restore_checkpoint(header, tensors, model, optimizer)
         start_epoch, history = header["epoch"] + 1, header["history"]
         log.info("run %s, %d bits: resuming after epoch %d", run, bits, header["epoch"] + 1)
@@ -323,8 +326,9 @@ def train_bits(cache: FeatureCache, data: PairBatches, means: tuple[np.ndarray, 
             sums += torch.stack([terms[k].detach() for k in (*TERMS, "total")]).double()
             n_batches += 1
             on_batch(1, {"epoch": epoch + 1, **dict(zip((*TERMS, "total"), (sums / n_batches).tolist()))})
-        means_ = dict(zip((*TERMS, "total"), (sums / max(1, n_batches)).tolist()))
-        history.append({"epoch": epoch + 1, "alpha": alpha, "seconds": round(time.perf_counter() - t0, 4), **means_})
+        epoch_terms = dict(zip((*TERMS, "total"), (sums / max(1, n_batches)).tolist()))
+        history.append({"epoch": epoch + 1, "alpha": alpha, "seconds": round(time.perf_counter() - t0, 4),
+                        **epoch_terms})
         _update_run_attrs(cache, run, history={str(bits): history})
         if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
             save_checkpoint(cache, paths["checkpoint"], model, optimizer, epoch, want, history)
@@ -403,9 +407,9 @@ def train(pipeline: Pipeline, cache_root: str | None = None, bits: list[int] | N
         data = PairBatches(cache, train_rows, config.batch_size, seed=config.seed, in_memory_mb=config.in_memory_mb,
                            window_blocks=config.window_blocks, drop_last=config.drop_last)
         if data.in_memory:
-            means = (data.image.mean(0).numpy(), data.text.mean(0).numpy())
+            feature_means = (data.image.mean(0).numpy(), data.text.mean(0).numpy())
         else:
-            means = (feature_mean(cache, "image", data.rows), feature_mean(cache, "text", data.rows))
+            feature_means = (feature_mean(cache, "image", data.rows), feature_mean(cache, "text", data.rows))
         done_bits = sorted(set(_run_attrs(cache, run).get("bits", [])) | set(config.bits))
         _update_run_attrs(cache, run, config=dataclasses.asdict(config), bits=done_bits)
         summary: dict[str, Any] = {"run": run, "cache": cache.url, "train_rows": int(len(train_rows)),
@@ -424,7 +428,7 @@ def train(pipeline: Pipeline, cache_root: str | None = None, bits: list[int] | N
                         info = f"ep {terms['epoch']}/{config.epochs} {_format_terms(terms)}" if terms else ""
                         bar.update(task, advance=advance, **({"info": info} if info else {}))
 
-                summary["bits"][str(b)] = train_bits(cache, data, means, config, b, run, resume, on_batch)
+                summary["bits"][str(b)] = train_bits(cache, data, feature_means, config, b, run, resume, on_batch)
         finally:
             if bar is not None:
                 bar.stop()

@@ -41,7 +41,8 @@ def test_joint_modal_similarity_by_hand():
     s_c = joint_modal_similarity(torch.from_numpy(S_I), torch.from_numpy(S_T)).numpy()
     # Row 0 of N(S_I) is (1, 0, r)/√1.5, of N(S_T) (1, 1, 0)/√2: their product is 1/√3.
     assert s_c[0, 0] == pytest.approx(1 / math.sqrt(3), abs=1e-12)
-    # Entry (0, 2): ½(N(S_I)_0·N(S_T)_2 + N(S_I)_2·N(S_T)_0) = ½(r/√1.5 + (r, r, 1)/√2·(1, 1, 0)/√2) = ½(r/√1.5 + r)
+    # Entry (0, 2): ½(N(S_I)_0·N(S_T)_2 + N(S_I)_2·N(S_T)_0)
+    #             = ½(r/√1.5 + (r, r, 1)/√2 · (1, 1, 0)/√2) = ½(r/√1.5 + r)
     assert s_c[0, 2] == pytest.approx(0.5 * (R / math.sqrt(1.5) + R), abs=1e-12)
     np.testing.assert_allclose(s_c, _numpy_joint(S_I, S_T), atol=1e-12)
     np.testing.assert_allclose(s_c, s_c.T, atol=1e-15)
@@ -94,7 +95,8 @@ def test_relaxed_codes_gradient():
     h = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: relaxed_codes(x, 2.5), (h,))
     relaxed_codes(h, 2.5).sum().backward()
-    np.testing.assert_allclose(h.grad.numpy(), 2.5 * (1 - np.tanh(2.5 * h.detach().numpy()) ** 2), rtol=1e-9, atol=1e-12)
+    expected = 2.5 * (1 - np.tanh(2.5 * h.detach().numpy()) ** 2)   # d tanh(αh)/dh = α(1 − tanh²(αh))
+    np.testing.assert_allclose(h.grad.numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_gradcheck_through_autoencoder_and_loss():

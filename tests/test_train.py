@@ -1,7 +1,6 @@
 """Training from the cache: batches, determinism, resume equivalence, emitted codes, CLI, and real WIKI."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
