@@ -10,6 +10,10 @@ Baseline: the same model (same batch size, same precision) run forward-only over
 already decoded and preprocessed into tensors, measured before and after the extraction; the faster
 of the two counts, so other load on a shared machine can only make the ratio look worse, not better.
 
+With no worker processes the extracting process does all the work, so the benchmark also compares
+CPU time per image (extract loop vs forward only), a figure that other load on a shared machine
+barely moves, unlike images/s.
+
 Also printed: what decoding and the (PIL) image processor cost per image in one process, next to
 the model's cost, which is what torchvision's faster processor could at most save.
 
@@ -61,13 +65,13 @@ seed = 0
     return toml
 
 
-def forward_only(encoder, pixels: torch.Tensor, batch_size: int) -> float:
-    """images/s of the model alone over ready tensors, after one warm-up batch."""
+def forward_only(encoder, pixels: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of the model alone over ready tensors, after one warm-up batch."""
     encoder.embed(pixels[:batch_size])
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for s in range(0, len(pixels), batch_size):
         encoder.embed(pixels[s:s + batch_size])
-    return len(pixels) / (time.perf_counter() - t0)
+    return len(pixels) / (time.perf_counter() - t0), (time.process_time() - cpu0) / len(pixels)
 
 
 def main() -> None:
@@ -98,7 +102,7 @@ def main() -> None:
     t_process = (time.perf_counter() - t0) / len(files)
     del images
 
-    before = forward_only(encoder, pixels, args.batch_size)
+    before, cpu_before = forward_only(encoder, pixels, args.batch_size)
     t_model = 1.0 / before
     print(f"per image: JPEG decode {t_decode * 1e3:.1f} ms, image processor {t_process * 1e3:.1f} ms, "
           f"model forward {t_model * 1e3:.1f} ms (on {torch.get_num_threads()} threads = "
@@ -122,13 +126,18 @@ def main() -> None:
         found = manifest["attributes"]["cfrh"]["found"]
     run = found["image"]
     extract_rate = run["throughput"]["images_per_s"]
-    after = forward_only(encoder, pixels, args.batch_size)
+    after, cpu_after = forward_only(encoder, pixels, args.batch_size)
     baseline = max(before, after)
     print(f"cfrh extract: {run['throughput']['images']} images in {run['throughput']['seconds']:.1f} s of image "
           f"loop = {extract_rate:.2f} images/s ({run['workers']} decoding workers; whole command incl. start-up "
           f"and dataset read {wall:.1f} s)")
     print(f"forward only: {before:.2f} images/s before, {after:.2f} after; baseline (the faster) {baseline:.2f} "
           f"images/s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if run["workers"] == 0:  # all decoding in the extracting process: its CPU time covers the whole loop
+        cpu_extract = run["throughput"]["cpu_seconds"] / run["throughput"]["images"]
+        print(f"CPU time per image (insensitive to other load on the machine): extract {cpu_extract * 1e3:.0f} ms, "
+              f"forward only {min(cpu_before, cpu_after) * 1e3:.0f} ms; ratio "
+              f"{min(cpu_before, cpu_after) / cpu_extract:.3f}")
     print(f"extract_vs_forward: {extract_rate / baseline:.3f}")
 
 

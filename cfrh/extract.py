@@ -258,7 +258,7 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
         encoder = load_clip(plan.spec, plan.device, plan.precision)
         log.info("extracting %d images in %d blocks (%s, %s, %d workers)", total, len(pending), encoder.device,
                  encoder.precision, workers)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         n_done = 0
         block_iter = iter(pending)
         b, start, stop = next(block_iter)
@@ -285,9 +285,10 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
                 on_images(n_done, total, time.perf_counter() - t0)
     finally:
         decoded.close()  # stops the prefetch thread and the worker processes, also when interrupted
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    # cpu_seconds: this process's CPU time in the image loop (all its threads; not worker processes).
     return failures, {**encoder.info, "workers": workers, "batch_size": batch_size,
-                      "throughput": {"images": n_done, "seconds": round(seconds, 3),
+                      "throughput": {"images": n_done, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
                                      "images_per_s": round(n_done / seconds, 3) if seconds > 0 else None}}
 
 
