@@ -156,30 +156,29 @@ class CodeEncoder:
 
     def image_features(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
         """(float16 embeddings of the images that decode, their input positions, (path, reason) of the rest)."""
-        from .features.image import ImageBatches, image_loader
+        from .features.image import embed_decoded, start_decoding
 
         if self._image is None:
             self._image = image_encoder(self.cache, self.image_model, self.device)
         enc = self._image
         paths = [str(p) for p in paths]
         batches = [np.arange(s, min(s + self.batch_size, len(paths))) for s in range(0, len(paths), self.batch_size)]
-        data = ImageBatches(paths, batches, enc.processor, enc.spec.pixel_shape)
         feats = np.zeros((len(paths), enc.dim), dtype=np.float16)
         ok = np.zeros(len(paths), dtype=bool)
         skipped: dict[int, str] = {}
         done = 0
-        for rows, pixels, errors in image_loader(data, self.workers if len(batches) > 1 else 0):
-            rows = np.asarray(rows, dtype=np.int64)  # the DataLoader hands numpy arrays back as tensors
-            emb = enc.embed(pixels).numpy()
-            reasons = np.asarray(errors, dtype=object)
-            reasons[(reasons == "") & ~np.isfinite(emb).all(axis=1)] = "image embedding not finite"
-            good = reasons == ""
-            feats[rows[good]] = emb[good].astype(np.float16)  # the precision extraction stores
-            ok[rows[good]] = True
-            skipped.update(zip(rows[~good].tolist(), reasons[~good].tolist()))
-            done += len(rows)
-            if self.on_images is not None:
-                self.on_images(done, len(paths))
+        decoded = start_decoding(enc.spec, paths, batches, self.workers if len(batches) > 1 else 0)
+        try:
+            for rows, emb, reasons in embed_decoded(enc, decoded):
+                good = reasons == ""
+                feats[rows[good]] = emb[good]
+                ok[rows[good]] = True
+                skipped.update(zip(rows[~good].tolist(), reasons[~good].tolist()))
+                done += len(rows)
+                if self.on_images is not None:
+                    self.on_images(done, len(paths))
+        finally:
+            decoded.close()
         kept = np.flatnonzero(ok).tolist()
         return feats[ok], kept, [(paths[i], r) for i, r in sorted(skipped.items())]
 
