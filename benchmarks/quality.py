@@ -4,8 +4,8 @@
     python benchmarks/quality.py --compare-fixed     # also DJSRH/JDSH's fixed similarity scale (μ = 1.4)
 
 Everything goes through the product's own path, in one run, on one set of splits: the ``wiki-mat``
-reader imports ``../shared/data/wiki`` into a fresh cache (:func:`cfrh.extract.extract`), the pipeline's
-``[train]`` table trains every bit length (:func:`cfrh.train.train`), and :mod:`cfrh.metrics` scores the
+reader imports ``../shared/data/wiki`` into a fresh cache (:func:`cfrh.extraction.extract`), the pipeline's
+``[train]`` table trains every bit length (:func:`cfrh.training.train`), and :mod:`cfrh.metrics` scores the
 693 test queries against the 2,173 training items (relevant = same category; ties at equal Hamming
 distance in database order) in both directions, mAP@all and mAP@50 (DJSRH/JDSH/UCMFH's ``calc_map_k``).
 
@@ -13,7 +13,7 @@ Rows printed, all measured here except the last block:
 
 * ``cfrh``: the pipeline's codes (image query → text database, text query → image database);
 * ``random projection``: sign of a seeded Gaussian projection of the centred features
-  (:func:`cfrh.evaluate.random_projection_codes`), same bits, same splits;
+  (:func:`cfrh.evaluation.random_projection_codes`), same bits, same splits;
 * ``leak check``: the same scoring when the image query is allowed to use its own paired text: its text
   code stands in for its image code, or its code is sign(h_I + h_T) of the image and its text through the
   trained encoders. This is what a method that fuses the query's two modalities at query time can reach
@@ -41,11 +41,11 @@ import torch
 from cfrh.cache import open_pipeline_cache
 from cfrh.codes import pack_codes
 from cfrh.config import load_pipeline
-from cfrh.evaluate import load_codes, random_projection_codes
-from cfrh.extract import extract
+from cfrh.evaluation import load_codes, random_projection_codes
+from cfrh.extraction import extract
 from cfrh.metrics import retrieval_metrics
 from cfrh.model import load_model
-from cfrh.train import train
+from cfrh.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 DJSRH_I2T = 0.23   # DJSRH/DGCPN image→text mAP@all on WIKI, 64 bits (the project brief's reference)

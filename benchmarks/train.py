@@ -8,7 +8,7 @@ features (CLIP ViT-B/32's width; compute does not depend on the values), the rea
 ``../shared/data/mirflickr25k/mirflickr25k-yall.mat`` as text, and the pipeline's own split (5,000 training
 pairs). Everything below is measured in the same run, with the same threads:
 
-* ``cfrh.train.train`` for --epochs epochs: seconds per epoch (the median; the time of the batches alone,
+* ``cfrh.training.train`` for --epochs epochs: seconds per epoch (the median; the time of the batches alone,
   from the run history) and training pairs/s; the wall time of the whole call (checkpoints, code emission) too;
 * matmul FLOPs of one training step, forward and backward (``torch.utils.flop_counter``), hence GFLOP/s;
 * sgemm GFLOP/s: ``torch.matmul`` of 4,096² float32 matrices, best of --reps.
@@ -36,7 +36,7 @@ from cfrh.config import load_pipeline
 from cfrh.loss import LossWeights
 from cfrh.model import CFRHModel, ModelSpec
 from cfrh.splits import make_splits
-from cfrh.train import TrainConfig, auto_threads, available_threads, make_optimizer, train, training_step
+from cfrh.training import TrainConfig, auto_threads, available_threads, make_optimizer, train, training_step
 
 YALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mirflickr25k" / "mirflickr25k-yall.mat"
 BITS = 64

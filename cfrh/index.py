@@ -430,7 +430,7 @@ class HammingIndex:
 def run_codes(cache: "FeatureCache", run: str, bits: int, modality: str,
               rows: np.ndarray | None = None) -> np.ndarray:
     """Packed codes a training run wrote for ``modality`` (all rows, or ``rows`` in their order)."""
-    from .train import run_paths
+    from .training import run_paths
 
     if modality not in ("image", "text"):
         raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")

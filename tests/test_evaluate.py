@@ -13,7 +13,7 @@ from cfrh.cli import cli
 from cfrh.codes import pack_codes
 from cfrh.config import ConfigError, load_pipeline
 from cfrh.datasets import read_dataset
-from cfrh.evaluate import EvaluateConfig, EvaluateError, evaluate
+from cfrh.evaluation import EvaluateConfig, EvaluateError, evaluate
 from cfrh.metrics import mean_average_precision, precision_at_k
 from cfrh.splits import make_splits
 
@@ -86,7 +86,7 @@ def test_report_numbers_are_the_metrics_of_the_stored_rows_and_directions(synthe
     assert len(report["results"]) == 2 * 2 * 4  # (run, baseline) × bits × directions
     assert report["notes"] == ["evaluate.topn: dropped [500], larger than the 340-item database"]
     modality = {"image": 0, "text": 1}
-    from cfrh.evaluate import DIRECTIONS
+    from cfrh.evaluation import DIRECTIONS
     for row in report["results"]:
         if row["method"] != "cfrh":
             continue

@@ -1,4 +1,4 @@
-"""Stage 1 end to end: a dataset → the Zarr feature cache (`cfrh.extract.extract`, `cfrh extract`,
+"""Stage 1 end to end: a dataset → the Zarr feature cache (`cfrh.extraction.extract`, `cfrh extract`,
 `cfrh cache ls|info|verify`), with the tiny random CLIP of clip_fixtures."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cfrh.cli import cli
 from cfrh.config import load_pipeline
 from cfrh.datasets import load_all
 from cfrh.datasets.base import READERS, Collection, DropReport, read_dataset, register
-from cfrh.extract import ExtractError, extract, model_location
+from cfrh.extraction import ExtractError, extract, model_location
 from cfrh.features.image import load_clip
 from cfrh.features.text import BowVectoriser
 from clip_fixtures import make_tiny_clip

@@ -14,7 +14,7 @@ from cfrh.loss import LossWeights, loss_terms, reconstruction_error
 from cfrh.model import (CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, load_model,
                         relaxed_codes, save_model)
 from cfrh.similarity import cosine_similarity, fused_similarity, joint_modal_similarity
-from cfrh.train import TrainConfig
+from cfrh.training import TrainConfig
 
 R = 1 / math.sqrt(2)
 IMAGE = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)

@@ -14,11 +14,11 @@ import torch
 
 from cfrh.cache import open_pipeline_cache
 from cfrh.config import ConfigError, load_pipeline
-from cfrh.evaluate import load_codes, random_projection_codes
-from cfrh.extract import extract
+from cfrh.evaluation import load_codes, random_projection_codes
+from cfrh.extraction import extract
 from cfrh.metrics import mean_average_precision
 from cfrh.similarity import fused_similarity, offdiagonal_std
-from cfrh.train import TrainConfig, train
+from cfrh.training import TrainConfig, train
 
 R = 1 / math.sqrt(2)
 IMAGE = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)   # cosines: 0, r, r off the diagonal

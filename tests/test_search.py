@@ -16,8 +16,8 @@ from cfrh.cli import cli
 from cfrh.codes import hamming_distances
 from cfrh.config import load_pipeline
 from cfrh.encode import CodeEncoder, EncodeError
-from cfrh.extract import extract
-from cfrh.train import train
+from cfrh.extraction import extract
+from cfrh.training import train
 from clip_fixtures import make_tiny_clip
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cfrh.train as train_mod
+import cfrh.training as train_mod
 from cfrh.cache import FeatureCache
 from cfrh.cli import cli
 from cfrh.config import Pipeline, load_pipeline
 from cfrh.data import PairBatches
 from cfrh.model import load_model
-from cfrh.train import RUN_ATTR, TrainConfig, TrainError, train
+from cfrh.training import RUN_ATTR, TrainConfig, TrainError, train
 
 SMALL = {"bits": [8, 16], "epochs": 3, "batch_size": 32, "image_hidden": [16], "text_hidden": [12],
          "dropout": 0.1, "threads": 1}

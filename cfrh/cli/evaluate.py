@@ -39,7 +39,7 @@ def evaluate(pipeline: Pipeline, cache_root: str | None, run: str, bits: list[in
     PR curves and top-N precision, for image→text, text→image, image→image and text→text.
 
     Writes report.json, report.md and PNG plots to runs/<run>/report/ in the cache."""
-    from ..evaluate import evaluate as run_evaluate, table_columns, table_rows
+    from ..evaluation import evaluate as run_evaluate, table_columns, table_rows
 
     with progress() as bar:
         task = bar.add_task("loading codes", total=None, info="")

@@ -39,7 +39,7 @@ def extract(pipeline: Pipeline, cache_root: str | None, overwrite: bool, model: 
     """Read a dataset, compute CLIP image features and bag-of-words text features, write the cache.
 
     Rerunning after an interruption resumes where it stopped."""
-    from ..extract import extract as run_extract
+    from ..extraction import extract as run_extract
 
     if random_weights:
         pipeline.features["random_init"] = True

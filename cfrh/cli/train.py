@@ -36,7 +36,7 @@ def train_command(pipeline: Pipeline, cache_root: str | None, bits: list[int] | 
     Resumes an interrupted run from its last checkpoint; a bit length that already finished with the
     same settings is kept. Settings come from the pipeline's [train] table (see --set).
     """
-    from ..train import train
+    from ..training import train
 
     if epochs is not None:
         pipeline = apply_overrides(pipeline, [f"train.epochs={epochs}"])

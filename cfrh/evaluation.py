@@ -33,7 +33,7 @@ from .plots import Series, line_panels
 log = logging.getLogger(__name__)
 
 REPORT_FORMAT = 1
-RUN_ATTR = "cfrh_run"  # the run group's attrs, written by cfrh.train
+RUN_ATTR = "cfrh_run"  # the run group's attrs, written by cfrh.training
 DIRECTIONS = {"i2t": ("image", "text", "image→text"), "t2i": ("text", "image", "text→image"),
               "i2i": ("image", "image", "image→image"), "t2t": ("text", "text", "text→text")}
 BASELINES = ("random-projection", "none")
