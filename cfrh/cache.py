@@ -30,7 +30,6 @@ import fsspec
 import numpy as np
 import zarr
 
-from .config import REPO_ROOT
 from .errors import CfrhError
 
 FORMAT_VERSION = 1
@@ -47,7 +46,7 @@ class CacheMismatch(CacheError):
 
 
 def default_cache_root() -> str:
-    return os.environ.get("CFRH_CACHE") or str(REPO_ROOT / "cache")
+    return os.environ.get("CFRH_CACHE") or os.path.abspath("cache")
 
 
 def feature_key(model: str) -> str:

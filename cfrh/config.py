@@ -1,8 +1,13 @@
-"""Pipeline configs: one TOML file per dataset protocol in ``pipelines/``.
+"""Pipeline configs: one TOML file per dataset protocol.
 
 A pipeline is plain data (sections ``dataset``, ``features``, ``split``, ``train``,
 ``evaluate``); code reads it, never the other way round. Command-line overrides use
 dotted keys (``train.epochs=20``) whose values are parsed as TOML, so types stay honest.
+
+The packaged pipelines live in ``cfrh/pipelines/`` (installed with the package); a name is looked up
+in ``./pipelines`` first, then there. Relative paths in a pipeline file resolve against the file's own
+folder, except in the packaged ones, whose relative paths (``data/coco``, ``cache/demo-data``) are meant
+for the working directory, like ``./cache`` and ``./runs``.
 """
 from __future__ import annotations
 
@@ -15,8 +20,7 @@ from typing import Any, Iterable
 
 from .errors import CfrhError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PIPELINES_DIR = REPO_ROOT / "pipelines"
+PIPELINES_DIR = Path(__file__).resolve().parent / "pipelines"
 SECTIONS = ("dataset", "features", "split", "train", "evaluate")
 
 
@@ -35,11 +39,17 @@ class Pipeline:
     evaluate: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def packaged(self) -> bool:
+        """True for a pipeline shipped inside the package (``cfrh/pipelines/``)."""
+        return self.path is not None and self.path.parent == PIPELINES_DIR
+
+    @property
     def base_dir(self) -> Path:
-        """Relative paths in a pipeline resolve against the repository holding its ``pipelines/`` folder."""
-        if self.path is not None and self.path.parent.name == "pipelines":
-            return self.path.parent.parent
-        return self.path.parent if self.path is not None else Path.cwd()
+        """Where relative paths resolve: the pipeline file's folder; the working directory for a packaged
+        pipeline (or one built in memory)."""
+        if self.path is None or self.packaged:
+            return Path.cwd()
+        return self.path.parent
 
     def resolve_path(self, value: str | os.PathLike) -> Path:
         p = Path(os.path.expanduser(str(value)))

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .config import REPO_ROOT
-
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-SHARED_VIT_B32 = REPO_ROOT.parent / "shared" / "models" / "clip-vit-base-patch32"
+# The project's config-only ViT-B/32 (real config, no weights) as seen from a checkout's root; elsewhere absent.
+SHARED_VIT_B32 = Path("../shared/models/clip-vit-base-patch32")
 
 
 @dataclass

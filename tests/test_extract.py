@@ -190,10 +190,10 @@ def test_pipeline_and_dataset_must_agree_on_image_features(tiny_clip, dataset_di
 
 def test_model_paths_resolve_like_other_pipeline_paths(tmp_path, monkeypatch):
     pipe = load_pipeline("demo")
-    repo = pipe.path.parent.parent
-    assert model_location(pipe, "openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"  # a hub id
-    assert model_location(pipe, "../shared/models/x") == str((repo / "../shared/models/x").resolve())
     monkeypatch.chdir(tmp_path)
+    assert model_location(pipe, "openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"  # a hub id
+    # a packaged pipeline's paths: the working directory, like every other path in it
+    assert model_location(pipe, "../shared/models/x") == str((tmp_path / "../shared/models/x").resolve())
     assert model_location(pipe, "./m", from_pipeline=False) == str(tmp_path / "m")  # --model: the cwd
     assert model_location(pipe, "precomputed") == "precomputed"
 

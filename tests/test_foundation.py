@@ -21,11 +21,20 @@ def test_override_values_are_parsed_as_toml():
         parse_override("nosuch.key=1")
 
 
-def test_pipeline_loads_and_resolves_paths_against_repo(tmp_path):
+def test_pipeline_paths_resolve_against_its_folder_or_the_working_directory(tmp_path, monkeypatch):
     pipe = load_pipeline("wiki", ["split.seed=3"])
     assert pipe.dataset["reader"] == "wiki-mat"
     assert pipe.split["seed"] == 3
-    assert pipe.resolve_path("../shared/data/wiki") == (pipe.path.parent.parent / "../shared/data/wiki").resolve()
+    # A packaged pipeline's relative paths are meant for the working directory (like ./cache)...
+    monkeypatch.chdir(tmp_path)
+    assert pipe.packaged and pipe.resolve_path("data/wiki") == tmp_path / "data" / "wiki"
+    # ...a user's own pipeline file's for its own folder, wherever the command runs.
+    own = tmp_path / "mine" / "p.toml"
+    own.parent.mkdir()
+    own.write_text("[dataset]\nreader = 'wiki-mat'\nroot = 'wiki'\n")
+    monkeypatch.chdir("/")
+    mine = load_pipeline(own)
+    assert not mine.packaged and mine.resolve_path(mine.dataset["root"]) == tmp_path / "mine" / "wiki"
     bad = tmp_path / "bad.toml"
     bad.write_text("[dataset]\nroot = 'x'\n")
     with pytest.raises(ConfigError, match="needs a 'reader'"):
