@@ -27,7 +27,7 @@ from .codes import pack_codes
 from .config import ConfigError, Pipeline
 from .data import feature_blocks, feature_mean
 from .errors import CfrhError
-from .metrics import RULES, RetrievalResult, retrieval_metrics
+from .metrics import RULE_DEFINITIONS, RULES, MetricError, RetrievalResult, map_k_rule, retrieval_metrics
 from .plots import Series, line_panels
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class EvaluateConfig:
 
     directions: list[str] = field(default_factory=lambda: list(DIRECTIONS))
     map_k: list[int] = field(default_factory=lambda: [50])    # mAP@50, as DJSRH/JDSH/UCMFH report
-    map_k_rule: str = "djsrh"                                  # see cfrh.metrics: djsrh | standard | retrieved
+    map_k_rule: str = RULES[0]          # "hits-in-top-k", the field's mAP@K; all rules: cfrh.metrics.RULE_DEFINITIONS
     precision_k: list[int] = field(default_factory=lambda: [100, 1000])
     topn: list[int] = field(default_factory=lambda: [1, *range(50, 1001, 50)])  # the top-N precision curve
     baseline: str = "random-projection"                        # "random-projection" | "none"
@@ -84,6 +84,10 @@ class EvaluateConfig:
         if bad or not isinstance(config.directions, list) or not config.directions:
             raise ConfigError(f"{where}: evaluate.directions = {config.directions!r}; use a list of "
                               f"{', '.join(DIRECTIONS)}")
+        try:
+            config.map_k_rule = map_k_rule(config.map_k_rule)  # an old alias becomes the rule's name
+        except MetricError as e:
+            raise ConfigError(f"{where}: evaluate.{e}") from None
         for name, allowed in (("map_k_rule", RULES), ("baseline", BASELINES)):
             if getattr(config, name) not in allowed:
                 raise ConfigError(f"{where}: evaluate.{name} = {getattr(config, name)!r}; choose one of "
@@ -334,11 +338,7 @@ def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh
                      "n_train": int(len(cache.split("train"))), "n_labels": int(protocol.labels.shape[1])},
         "settings": dataclasses.asdict(config), "bits": wanted,
         "definitions": {"relevance": "shares at least one label", "ties": TIE_RULE,
-                        "map_k": {"djsrh": "mean hit/rank over the first min(K, R) relevant items "
-                                           "(DJSRH/JDSH/UCMFH calc_map_k)",
-                                  "standard": "sum of hit/rank over relevant items in the top K, / min(K, R)",
-                                  "retrieved": "sum of hit/rank over relevant items in the top K, / hits in the "
-                                               "top K (DPSH/ADSH calc_topMap)"}[config.map_k_rule],
+                        "map_k": RULE_DEFINITIONS[config.map_k_rule],
                         "pr": "precision averaged over queries retrieving something within the radius; "
                               "recall over queries with a relevant item"},
         "features": {"image": cache.request.get("image", {}), "text": cache.request.get("text", {})},
