@@ -338,7 +338,7 @@ def test_evaluate_config_takes_rule_names_and_old_aliases_and_explains_djsrh():
         EvaluateConfig.from_dict({"map_k_rule": ["hits-in-top-k"]})
 
 
-@pytest.mark.parametrize("name", ["coco", "mirflickr25k", "nuswide", "wiki"])
+@pytest.mark.parametrize("name", ["coco", "mirflickr25k", "nuswide", "wiki", "uci-mfeat"])
 def test_packaged_pipelines_use_the_fields_rule(name):
     from cfrh.config import load_pipeline
     from cfrh.evaluation import EvaluateConfig
