@@ -44,7 +44,8 @@ from cfrh.config import load_pipeline
 from cfrh.evaluation import load_codes, random_projection_codes
 from cfrh.extraction import extract
 from cfrh.metrics import retrieval_metrics
-from cfrh.model import load_model
+from cfrh.estimator import CFRH
+from cfrh.runs import open_run
 from cfrh.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,10 +65,10 @@ def score(query: np.ndarray, database: np.ndarray, labels: np.ndarray, q: np.nda
 
 
 @torch.no_grad()
-def fused_query_codes(cache, run: str, bits: int) -> np.ndarray:
+def fused_query_codes(cache, run, bits: int) -> np.ndarray:
     """Packed sign(h_I + h_T) of every item: a query code computed from an image AND its paired text, the way a
     fusion model like UCMFH codes its image queries (cfrh never does this; it is here to measure the leak)."""
-    model = load_model(cache, run, bits)
+    model = CFRH.load(run.model_dir(bits)).model_
     image = torch.from_numpy(cache.read("image").astype(np.float32))
     text = torch.from_numpy(cache.read("text").astype(np.float32))
     h = model.image.encoder(model.prepare_image(image)) + model.text.encoder(model.prepare_text(text))
@@ -126,16 +127,17 @@ def main() -> None:
         seconds = {}
         for run, (name, p) in zip(("cfrh", "fixed"), variants):
             t = time.perf_counter()
-            train(p, cache_root=root, bits=bits, run=run, progress=False)
+            train(p, cache_root=root, bits=bits, run=run, runs_root=f"{root}/runs")
             seconds[name] = time.perf_counter() - t
+            store = open_run(f"{root}/runs", cache, run)
             i2t, t2i = {}, {}
             for b in bits:
-                c = load_codes(cache, run, b)
+                c = load_codes(store, cache, b)
                 i2t[b], t2i[b] = score(c["image"], c["text"], labels, q, db), score(c["text"], c["image"], labels, q, db)
                 if run == "cfrh":
                     # The query's paired text (image) code as its image (text) code: a query that sees both.
                     leak["text"][b] = score(c["text"], c["text"], labels, q, db)
-                    leak["fused"][b] = score(fused_query_codes(cache, run, b), c["text"], labels, q, db)
+                    leak["fused"][b] = score(fused_query_codes(cache, store, b), c["text"], labels, q, db)
             rows += [(name, "i→t", i2t), (name, "t→i", t2i)]
         rp_i2t, rp_t2i = {}, {}
         for b in bits:

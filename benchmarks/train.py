@@ -35,8 +35,10 @@ from cfrh.cache import FeatureCache, feature_key
 from cfrh.config import load_pipeline
 from cfrh.loss import LossWeights
 from cfrh.model import CFRHModel, ModelSpec
+from cfrh.runs import RunStore
 from cfrh.splits import make_splits
-from cfrh.training import TrainConfig, auto_threads, available_threads, make_optimizer, train, training_step
+from cfrh.estimator import TrainConfig, auto_threads, available_threads, make_optimizer, training_step
+from cfrh.training import train
 
 YALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mirflickr25k" / "mirflickr25k-yall.mat"
 BITS = 64
@@ -134,10 +136,10 @@ def main() -> None:
         text = torch.from_numpy(cache.read("text", rows).astype(np.float32))
         sgemm_before = sgemm_gflops(reps=args.reps)
         t0 = time.perf_counter()
-        summary = train(pipeline, root, bits=[BITS], run="bench", resume=False, progress=False)
+        summary = train(pipeline, root, bits=[BITS], run="bench", resume=False, runs_root=f"{root}/runs")
         wall = time.perf_counter() - t0
         sgemm = max(sgemm_before, sgemm_gflops(reps=args.reps))
-        history = cache.run_group("bench").attrs["cfrh_run"]["history"][str(BITS)]
+        history = RunStore.of(f"{root}/runs", cache, "bench").info()["history"][str(BITS)]
 
     epoch_s = statistics.median(h["seconds"] for h in history)
     steps = len(rows) // config.batch_size

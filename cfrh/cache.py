@@ -1,6 +1,6 @@
-"""The feature cache: one Zarr v3 group per dataset × feature model.
+"""The feature cache: one Zarr v3 group per dataset × feature model, immutable once complete.
 
-Layout under a cache root (a local folder or any fsspec URL)::
+Layout under a cache root (a local folder or any fsspec URL; addresses: :mod:`cfrh.locations`)::
 
     <root>/<dataset>/<feature-key>/          zarr group; attrs["cfrh"] is the manifest
         image        (N, D) float16           CLIP image embeddings (or imported features)
@@ -9,30 +9,42 @@ Layout under a cache root (a local folder or any fsspec URL)::
         ids, paths, texts   (N,) str         item id, image path relative to the dataset root, raw text
         vocabulary   (V,) str, label_names (C,) str
         splits/{query,train,database}  int64 row indices
-        runs/<run>/<bits>/{image_codes,text_codes}  packed codes; model.safetensors, model.json beside them
+    <root>/<dataset>/<feature-key>.lock      held while an extraction writes (local roots)
 
 The manifest records what was *asked for* (``request``: dataset fingerprint, model,
-preprocessing, vectoriser, split) and what was *found* (counts, drop report, versions,
-per-array checksums). Opening an existing cache with a different request fails and says
-what differs, so a shared cache can never silently mix two feature sets.
+preprocessing, vectoriser, split) and what was *found* (counts, drop report, versions), and, once
+complete, a sha256 digest of every row block of every array (``checksums``) and the cache's
+``fingerprint`` (a digest of those digests). Opening an existing cache with a different request
+fails and says what differs, so a shared cache can never silently mix two feature sets.
+
+Integrity: every read of a complete cache (:meth:`FeatureCache.read`) reads whole row blocks and
+checks each block's digest, so a flipped byte, a deleted chunk or a truncated file stops the stage
+with one line naming the array and block; :meth:`FeatureCache.verify` lists every bad block and
+never raises. Training runs live elsewhere (:mod:`cfrh.runs`): nothing is ever written into a
+complete cache, so it can be shared read-only.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
-import re
-from pathlib import Path
+import time
 from typing import Any, Iterable, Iterator
 
 import fsspec
 import numpy as np
 import zarr
+from pathlib import Path
 
 from .errors import CfrhError
+from .locations import cache_location, cache_root, feature_key, join
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
 ROW_ARRAYS = ("image", "text", "labels", "ids", "paths", "texts")
 SPLITS = ("query", "train", "database")
 
@@ -45,21 +57,13 @@ class CacheMismatch(CacheError):
     """An existing cache was built with settings other than the ones asked for."""
 
 
+class CacheCorrupt(CacheError):
+    """Stored data no longer matches the digests recorded at extraction."""
+
+
 def default_cache_root() -> str:
-    return os.environ.get("CFRH_CACHE") or os.path.abspath("cache")
-
-
-def feature_key(model: str) -> str:
-    """A folder name for a feature model: hub ids keep org and name, local dirs their last two parts."""
-    if model in ("precomputed",):
-        return model
-    parts = [p for p in re.split(r"[\\/]+", str(model)) if p and p not in (".", "..")]
-    key = "--".join(parts[-2:]) if parts else "model"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", key)
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([str(root).rstrip("/"), *[p.strip("/") for p in parts if p]])
+    """The cache root when none is given: ``$CFRH_CACHE``, else ``./cache`` (see :mod:`cfrh.locations`)."""
+    return cache_root()
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -82,19 +86,26 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def array_checksum(arr: zarr.Array, block_rows: int | None = None) -> str:
-    """sha256 of an array's logical content (dtype, shape, values), independent of chunking and codecs."""
-    h = hashlib.sha256(f"{arr.dtype}|{arr.shape}".encode())
-    if arr.ndim == 0 or arr.shape[0] == 0:
-        return h.hexdigest()
-    step = block_rows or max(1, arr.chunks[0])
-    for start in range(0, arr.shape[0], step):
-        block = arr[start:start + step]
-        if block.dtype.kind in "OUT":
-            h.update("\0".join(map(str, block.tolist())).encode() + b"\0")
-        else:
-            h.update(np.ascontiguousarray(block).tobytes())
-    return h.hexdigest()
+def block_digest(block: np.ndarray) -> str:
+    """sha256 of one row block's logical content (dtype, shape, values), independent of chunking and codecs:
+    the hash of bytes a reader has already decoded, so checking it costs no extra read."""
+    h = hashlib.sha256(f"{block.dtype.str if block.dtype.kind not in 'OUT' else 'str'}|{block.shape}".encode())
+    if block.dtype.kind in "OUT":
+        h.update("\0".join(map(str, block.tolist())).encode() + b"\0")
+    else:
+        h.update(np.ascontiguousarray(block).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _block_rows(arr: zarr.Array) -> int:
+    return max(1, int(arr.chunks[0])) if arr.ndim else 1
+
+
+def _digests(arr: zarr.Array) -> dict[str, Any]:
+    """The per-block digests of a whole array: ``{"rows": block rows, "blocks": [digest, ...]}``."""
+    rows = _block_rows(arr)
+    n = int(arr.shape[0]) if arr.ndim else 0
+    return {"rows": rows, "blocks": [block_digest(np.asarray(arr[s:e])) for _, s, e in iter_row_blocks(n, rows)]}
 
 
 class FeatureCache:
@@ -108,13 +119,25 @@ class FeatureCache:
     # -- opening ---------------------------------------------------------------------------
     @staticmethod
     def location(root: str | os.PathLike | None, dataset: str, key: str) -> str:
-        return _join(str(root or default_cache_root()), dataset, key)
+        return cache_location(root, dataset, key)
 
     @classmethod
     def exists(cls, root: str | os.PathLike | None, dataset: str, key: str) -> bool:
-        url = cls.location(root, dataset, key)
-        fs, path = fsspec.core.url_to_fs(url)
-        return fs.exists(_join(path, "zarr.json"))
+        fs, path = fsspec.core.url_to_fs(cls.location(root, dataset, key))
+        return fs.exists(join(path, "zarr.json"))
+
+    @classmethod
+    def at(cls, url: str, mode: str = "r") -> "FeatureCache":
+        """The cache group at ``url``, its manifest readable, or one line saying why not."""
+        try:
+            group = zarr.open_group(url, mode=mode)
+            manifest = group.attrs.get("cfrh")
+        except (ValueError, KeyError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheCorrupt(f"{url}: the cache's zarr.json cannot be read ({type(e).__name__}: "
+                               f"{str(e)[:120]}); re-extract with `cfrh extract --overwrite`") from None
+        if manifest is None:
+            raise CacheError(f"{url}: a Zarr group without a cfrh manifest; remove it or pick another --cache")
+        return cls(url, group)
 
     @classmethod
     def open(cls, root: str | os.PathLike | None, dataset: str, key: str, mode: str = "r",
@@ -123,9 +146,7 @@ class FeatureCache:
         if not cls.exists(root, dataset, key):
             raise CacheError(f"{url}: no feature cache here; run `cfrh extract {dataset}` first "
                              f"(or pass --cache pointing at a shared cache)")
-        cache = cls(url, zarr.open_group(url, mode=mode))
-        if "cfrh" not in cache.group.attrs:
-            raise CacheError(f"{url}: a Zarr group without a cfrh manifest; remove it or pick another --cache")
+        cache = cls.at(url, mode)
         if request is not None:
             diff = describe_differences(cache.request, _jsonable(request))
             if diff:
@@ -139,7 +160,7 @@ class FeatureCache:
     def create(cls, root: str | os.PathLike | None, dataset: str, key: str, request: dict,
                overwrite: bool = False) -> tuple["FeatureCache", bool]:
         """Open for writing; returns (cache, resumed). An existing cache with another request fails
-        unless ``overwrite`` (which deletes it first)."""
+        unless ``overwrite`` (which deletes it first). Call it holding :func:`writer_lock`."""
         url = cls.location(root, dataset, key)
         request = _jsonable(request)
         if cls.exists(root, dataset, key):
@@ -167,6 +188,20 @@ class FeatureCache:
     def is_complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
+    @property
+    def fingerprint(self) -> str | None:
+        """A digest of every stored block (None until complete): what a training run records, so that its
+        codes are never scored against another cache's labels or splits."""
+        return self.manifest.get("fingerprint")
+
+    @property
+    def dataset(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 2)[-2]
+
+    @property
+    def key(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
     def warnings(self) -> list[str]:
         """What anyone reading a number derived from this cache must know (e.g. untrained image features)."""
         weights = str(self.request.get("image", {}).get("weights", ""))
@@ -182,7 +217,7 @@ class FeatureCache:
 
     @property
     def n_items(self) -> int:
-        return int(self.group["ids"].shape[0])
+        return int(self.array("ids").shape[0])
 
     # -- arrays ----------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -193,10 +228,15 @@ class FeatureCache:
             return False
 
     def array(self, name: str) -> zarr.Array:
+        """The Zarr array itself (for its shape and dtype; read data through :meth:`read`, which checks it)."""
         try:
             return self.group[name]
         except KeyError:
-            raise CacheError(f"{self.url}: array {name!r} is missing; rerun `cfrh extract` for this cache") from None
+            raise CacheError(f"{self.url}: array {name!r} is missing; re-extract with `cfrh extract "
+                             f"{self.dataset} --overwrite`") from None
+        except (ValueError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheCorrupt(f"{self.url}: array {name!r} has unreadable metadata ({type(e).__name__}); "
+                               f"re-extract with `cfrh extract {self.dataset} --overwrite`") from None
 
     def require_array(self, name: str, shape: tuple[int, ...], dtype: Any, chunk_rows: int = 1024,
                       shard_rows: int | None = None) -> zarr.Array:
@@ -216,7 +256,9 @@ class FeatureCache:
         return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, **kwargs)
 
     def write(self, name: str, data: np.ndarray | list, chunk_rows: int = 4096) -> zarr.Array:
-        """Write a whole array (replacing one of the same name)."""
+        """Write a whole array (replacing one of the same name) into a cache that is not yet complete."""
+        if self.is_complete:
+            raise CacheError(f"{self.url}: the cache is complete and immutable; re-extract with --overwrite")
         data = np.asarray(data, dtype=str) if isinstance(data, list) else np.asarray(data)
         if data.dtype.kind == "U":
             dtype: Any = str
@@ -231,21 +273,72 @@ class FeatureCache:
             arr[...] = data
         return arr
 
+    def _block(self, name: str, arr: zarr.Array, b: int, start: int, stop: int,
+               digests: list[str] | None) -> np.ndarray:
+        """Rows start:stop (one whole storage block) of ``arr``, checked against its recorded digest."""
+        try:
+            block = np.asarray(arr[start:stop])
+        except Exception as e:  # any codec or store failure on corrupt bytes: name the block, not the codec
+            raise CacheCorrupt(self._corrupt(name, b, start, stop, f"undecodable: {type(e).__name__}")) from None
+        if digests is not None and (b >= len(digests) or block_digest(block) != digests[b]):
+            raise CacheCorrupt(self._corrupt(name, b, start, stop, "contents differ from the digest recorded at "
+                                                                  "extraction (altered or missing chunk)"))
+        return block
+
+    def _corrupt(self, name: str, b: int, start: int, stop: int, why: str) -> str:
+        return (f"{self.url}: array {name!r} block {b} (rows {start}–{stop - 1}) is corrupt: {why}; re-extract "
+                f"with `cfrh extract {self.dataset} --overwrite` (`cfrh cache verify` lists every bad block)")
+
+    def _recorded(self, name: str, arr: zarr.Array) -> list[str] | None:
+        """The digests to check reads of ``name`` against (None while the cache is being written)."""
+        entry = self.manifest.get("checksums", {}).get(name) if self.is_complete else None
+        if entry is None:
+            return None
+        if int(entry["rows"]) != _block_rows(arr):
+            raise CacheCorrupt(f"{self.url}: array {name!r} changed its chunking since extraction; re-extract "
+                               f"with `cfrh extract {self.dataset} --overwrite`")
+        return list(entry["blocks"])
+
     def read(self, name: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
-        """A whole array, a slice, or the rows at sorted-or-not integer indices (returned in that order)."""
+        """A whole array, a slice, or the rows at sorted-or-not integer indices (returned in that order).
+
+        Reads whole storage blocks (Zarr decodes whole chunks anyway) and, in a complete cache, checks
+        each against its recorded digest before any row of it is used."""
         arr = self.array(name)
+        n = int(arr.shape[0]) if arr.ndim else 0
+        if arr.ndim == 0:
+            return np.asarray(arr[...])
         if rows is None:
-            return arr[...]
+            rows = slice(0, n)
         if isinstance(rows, slice):
-            return arr[rows]
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size == 0:
-            return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
-        order = np.argsort(rows, kind="stable")
-        uniq, inverse = np.unique(rows[order], return_inverse=True)
-        block = arr.get_orthogonal_selection((uniq,) + (slice(None),) * (arr.ndim - 1))
-        out = np.empty_like(block, shape=(rows.size, *block.shape[1:]))
-        out[order] = block[inverse]
+            start, stop, step = rows.indices(n)
+            idx = np.arange(start, stop, step, dtype=np.int64)
+        else:
+            idx = np.asarray(rows, dtype=np.int64)
+            if idx.size and (idx.min() < -n or idx.max() >= n):
+                raise IndexError(f"{self.url}: rows out of range for {name!r} ({n} rows)")
+            idx = np.where(idx < 0, idx + n, idx)
+        if idx.size == 0:
+            return np.empty((0, *arr.shape[1:]), dtype=arr.dtype if arr.dtype.kind not in "OUT" else object)
+        digests, brows = self._recorded(name, arr), _block_rows(arr)
+        needed = np.unique(idx // brows)
+        if len(needed) == 1 or np.all(np.diff(needed) == 1):  # one contiguous run of blocks: no gather copy
+            first, last = int(needed[0]), int(needed[-1])
+            parts = [self._block(name, arr, b, b * brows, min(n, (b + 1) * brows), digests)
+                     for b in range(first, last + 1)]
+            data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            local = idx - first * brows
+            if isinstance(rows, slice) and step == 1:
+                return data[local[0]:local[-1] + 1]
+            return data[local]
+        blocks = {int(b): self._block(name, arr, int(b), int(b) * brows, min(n, (int(b) + 1) * brows), digests)
+                  for b in needed}
+        first = next(iter(blocks.values()))
+        out = np.empty((idx.size, *first.shape[1:]), dtype=first.dtype)
+        which = idx // brows
+        for b, block in blocks.items():
+            sel = which == b
+            out[sel] = block[idx[sel] - b * brows]
         return out
 
     def strings(self, name: str) -> list[str]:
@@ -268,14 +361,14 @@ class FeatureCache:
 
     # -- integrity -------------------------------------------------------------------------
     def data_arrays(self) -> list[str]:
-        """Every array of the cache proper (not runs, not progress flags), as relative paths."""
+        """Every array of the cache proper (not progress flags), as relative paths."""
         names: list[str] = []
 
         def walk(group: zarr.Group, prefix: str) -> None:
             for key, member in group.members():
                 path = f"{prefix}{key}"
                 if isinstance(member, zarr.Group):
-                    if key not in ("runs", "_progress"):
+                    if key != "_progress":
                         walk(member, path + "/")
                 else:
                     names.append(path)
@@ -283,101 +376,143 @@ class FeatureCache:
         return sorted(names)
 
     def finalize(self, **manifest_fields: Any) -> None:
-        """Record checksums and counts, drop progress flags, and mark the cache complete."""
-        checksums = {name: array_checksum(self.group[name]) for name in self.data_arrays()}
+        """Record per-block digests, shapes and the fingerprint, drop progress flags, and mark the cache
+        complete: the last write of an extraction, so a cache that says complete has every array."""
+        checksums = {name: _digests(self.group[name]) for name in self.data_arrays()}
         shapes = {name: list(self.group[name].shape) for name in checksums}
+        fingerprint = hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()[:16]
         if "_progress" in self.group:
             del self.group["_progress"]
-        self.update_manifest(**manifest_fields, checksums=checksums, shapes=shapes, complete=True,
-                             finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        self.update_manifest(**manifest_fields, checksums=checksums, shapes=shapes, fingerprint=fingerprint,
+                             complete=True, finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def verify(self) -> list[str]:
-        """Problems found (empty when the cache is intact): incompleteness, missing or altered arrays."""
-        m = self.manifest
+        """Every problem found, one line each (empty when intact): incompleteness, missing arrays, and each
+        block that cannot be decoded or differs from its recorded digest. Never raises for stored data."""
+        try:
+            m = self.manifest
+        except Exception as e:  # noqa: BLE001 - a broken manifest is a finding, not a crash
+            return [f"manifest unreadable ({type(e).__name__})"]
         if not m.get("complete"):
             return ["extraction incomplete (rerun `cfrh extract` to resume)"]
-        problems = []
         recorded = m.get("checksums", {})
-        present = set(self.data_arrays())
-        for name, digest in recorded.items():
-            if name not in present:
-                problems.append(f"{name}: missing")
-            elif array_checksum(self.group[name]) != digest:
-                problems.append(f"{name}: checksum mismatch (contents changed since extraction)")
+        if m.get("format") != FORMAT_VERSION or not all(isinstance(v, dict) for v in recorded.values()):
+            return [f"cache format {m.get('format')!r} has no per-block digests (this cfrh writes "
+                    f"{FORMAT_VERSION}); re-extract with --overwrite"]
+        problems = []
+        try:
+            present = set(self.data_arrays())
+        except Exception as e:  # noqa: BLE001
+            present = set()
+            problems.append(f"group listing failed ({type(e).__name__}: {str(e)[:80]})")
+        for name, entry in sorted(recorded.items()):
+            try:
+                arr = self.group[name]
+            except Exception as e:  # noqa: BLE001 - missing or unreadable metadata
+                problems.append(f"{name}: missing" if isinstance(e, KeyError) or name not in present
+                                else f"{name}: metadata unreadable ({type(e).__name__})")
+                continue
+            n = int(arr.shape[0]) if arr.ndim else 0
+            if [n, *arr.shape[1:]] != m.get("shapes", {}).get(name) or int(entry["rows"]) != _block_rows(arr):
+                problems.append(f"{name}: shape or chunking differs from the manifest")
+                continue
+            for b, start, stop in iter_row_blocks(n, int(entry["rows"])):
+                try:
+                    self._block(name, arr, b, start, stop, entry["blocks"])
+                except CacheCorrupt as e:
+                    problems.append(f"{name}: block {b} (rows {start}–{stop - 1}) "
+                                    + str(e).split(" is corrupt: ", 1)[1].split("; re-extract")[0])
         problems += [f"{name}: not recorded in the manifest" for name in sorted(present - set(recorded))]
         return problems
 
-    # -- files next to the arrays (checkpoints, reports) ----------------------------------
-    def file_path(self, relpath: str) -> str:
-        return _join(self.path, relpath)
 
-    def write_bytes(self, relpath: str, data: bytes) -> str:
-        """Write a file atomically where the filesystem allows (temp name, then move)."""
-        path = self.file_path(relpath)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = path + ".partial"
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, path)
-        return path
+# -- finding and locking caches -----------------------------------------------------------------
+def cache_keys(root: str | os.PathLike | None, dataset: str) -> list[str]:
+    """The feature keys a cache root holds for a dataset (folders with a zarr.json), complete or not."""
+    fs, path = fsspec.core.url_to_fs(join(cache_root(root), dataset))
+    if not fs.isdir(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)
+                  if fs.exists(join(p, "zarr.json")))
 
-    def read_bytes(self, relpath: str) -> bytes:
-        path = self.file_path(relpath)
-        if not self.fs.exists(path):
-            raise CacheError(f"{self.url}: {relpath} not found")
-        return self.fs.cat_file(path)
 
-    def file_exists(self, relpath: str) -> bool:
-        return self.fs.exists(self.file_path(relpath))
+def resolve_feature_key(pipeline: Any, root: str | os.PathLike | None = None, model: str | None = None) -> str:
+    """Which feature cache of a pipeline the stages after extraction read.
 
-    def local_path(self, relpath: str) -> Path | None:
-        """A local filesystem path for ``relpath`` when the cache is on local disk (for plots), else None."""
-        from fsspec.implementations.local import LocalFileSystem
-
-        return Path(self.file_path(relpath)) if isinstance(self.fs, LocalFileSystem) else None
-
-    # -- training runs ---------------------------------------------------------------------
-    def runs(self) -> list[str]:
-        if "runs" not in self.group:
-            return []
-        return sorted(k for k, _ in self.group["runs"].groups())
-
-    def run_group(self, run: str, create: bool = False) -> zarr.Group:
-        if create:
-            return self.group.require_group(f"runs/{run}")
-        try:
-            return self.group[f"runs/{run}"]
-        except KeyError:
-            raise CacheError(f"{self.url}: no training run {run!r} (have: {', '.join(self.runs()) or 'none'}); "
-                             f"run `cfrh train` first") from None
+    ``model`` (``--model``) names it; otherwise the only cache the root holds for the pipeline, so a cache
+    extracted with ``cfrh extract --model DIR`` is found without repeating the model. With none there,
+    it is the pipeline's own model; with several, the error lists them."""
+    if model:
+        return feature_key(model)
+    keys = cache_keys(root, pipeline.name)
+    if len(keys) == 1:
+        return keys[0]
+    own = feature_key(str(pipeline.features.get("image_model", "precomputed")))
+    if len(keys) > 1:
+        raise CacheError(f"{join(cache_root(root), pipeline.name)}: holds feature caches of several models "
+                         f"({', '.join(keys)}); choose one with --model (a model or one of these keys)")
+    return own
 
 
 def open_pipeline_cache(pipeline: Any, cache_root: str | os.PathLike | None = None, mode: str = "r",
-                        require_complete: bool = True) -> FeatureCache:
-    """The cache a pipeline reads and writes: folder ``pipeline.name``, key from ``features.image_model``.
-
-    The one lookup every stage after extraction uses (train, evaluate, search), so they agree."""
-    key = feature_key(pipeline.features.get("image_model", "precomputed"))
+                        require_complete: bool = True, model: str | None = None) -> FeatureCache:
+    """The cache a pipeline's later stages read (train, evaluate, encode, search, serve): the one lookup
+    they all use, so they agree (:func:`resolve_feature_key`)."""
+    key = resolve_feature_key(pipeline, cache_root, model)
     return FeatureCache.open(cache_root, pipeline.name, key, mode=mode, require_complete=require_complete)
 
 
 def list_caches(root: str | os.PathLike | None = None) -> list[FeatureCache]:
     """Every cache group (``<dataset>/<feature-key>``) under a cache root."""
-    root = str(root or default_cache_root())
-    fs, path = fsspec.core.url_to_fs(root)
-    if not fs.exists(path):
+    fs, path = fsspec.core.url_to_fs(cache_root(root))
+    if not fs.isdir(path):
         return []
     found = []
     for dataset in sorted(fs.ls(path, detail=False)):
         if not fs.isdir(dataset):
             continue
-        for key in sorted(fs.ls(dataset, detail=False)):
-            if fs.exists(_join(key, "zarr.json")):
-                ds, k = dataset.rstrip("/").rsplit("/", 1)[-1], key.rstrip("/").rsplit("/", 1)[-1]
-                try:
-                    found.append(FeatureCache.open(root, ds, k, require_complete=False))
-                except CacheError:
-                    continue
+        name = dataset.rstrip("/").rsplit("/", 1)[-1]
+        for key in cache_keys(root, name):
+            try:
+                found.append(FeatureCache.open(root, name, key, require_complete=False))
+            except CacheError:
+                continue
     return found
+
+
+@contextlib.contextmanager
+def writer_lock(root: str | os.PathLike | None, dataset: str, key: str, timeout: float = -1,
+                on_wait: Any = None) -> Iterator[None]:
+    """Hold ``<root>/<dataset>/<key>.lock`` while writing one cache: a second extraction of the same cache
+    waits (``on_wait`` is called once, to say so), then finds it complete. A lock file (``filelock``: an
+    OS lock, released by the kernel when its holder dies) on local roots; other fsspec stores have no
+    atomic create, so there one writer at a time is the user's to arrange (the README says so)."""
+    url = cache_location(root, dataset, key)
+    fs, path = fsspec.core.url_to_fs(url)
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    import filelock
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = filelock.FileLock(path + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        if on_wait is not None:
+            on_wait(path + ".lock")
+        t0 = time.monotonic()
+        try:
+            lock.acquire(timeout=timeout)
+        except filelock.Timeout:
+            raise CacheError(f"{url}: another extraction has held {path}.lock for {time.monotonic() - t0:.0f} s; "
+                             f"wait for it to finish, or stop it and rerun") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def iter_row_blocks(n: int, block_rows: int) -> Iterator[tuple[int, int, int]]:
@@ -386,7 +521,7 @@ def iter_row_blocks(n: int, block_rows: int) -> Iterator[tuple[int, int, int]]:
         yield b, start, min(n, start + block_rows)
 
 
-def fingerprint_files(paths: Iterable[Path], root: Path) -> str:
+def fingerprint_files(paths: Iterable[os.PathLike], root: os.PathLike) -> str:
     """A fingerprint of a dataset's files: paths relative to ``root`` and sizes. Cheap (contents are not
     read) and equal on every machine holding the same copy, so a shared cache matches across the team."""
     h = hashlib.sha256()

@@ -39,7 +39,7 @@ def feature_mean(cache: FeatureCache, name: str, rows: np.ndarray, block_rows: i
 class PairBatches:
     """Shuffled (image, text) float32 batches of the training rows, one pass per :meth:`epoch`."""
 
-    def __init__(self, cache: FeatureCache, rows: np.ndarray, batch_size: int, seed: int = 0,
+    def __init__(self, cache: FeatureCache | None, rows: np.ndarray, batch_size: int, seed: int = 0,
                  in_memory_mb: float = 2048, window_blocks: int = 8, drop_last: bool = True):
         self.cache = cache
         self.rows = np.sort(np.asarray(rows, dtype=np.int64))
@@ -60,6 +60,19 @@ class PairBatches:
             block_of = self.rows // block_rows
             starts = np.flatnonzero(np.r_[True, block_of[1:] != block_of[:-1]])
             self.block_rows = np.split(self.rows, starts[1:])
+
+    @classmethod
+    def from_arrays(cls, image: np.ndarray, text: np.ndarray, batch_size: int, seed: int = 0,
+                    drop_last: bool = True) -> "PairBatches":
+        """Batches of paired in-memory arrays (the estimator's ``fit``): the in-memory path, no cache."""
+        self = cls.__new__(cls)
+        self.cache, self.rows = None, np.arange(len(image), dtype=np.int64)
+        self.batch_size, self.seed, self.drop_last, self.window_blocks = int(batch_size), int(seed), drop_last, 1
+        self.image_dim, self.text_dim = int(image.shape[1]), int(text.shape[1])
+        self.in_memory = True
+        self.image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        self.text = torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32))
+        return self
 
     def __len__(self) -> int:
         """Batches per epoch."""

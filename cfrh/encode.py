@@ -9,11 +9,11 @@ way, so everything here is rebuilt from the cache's manifest, never from the cur
   recorded precision; embeddings are rounded to float16 as extraction stores them;
 * texts: the recorded tokenisation (tags or caption words, lower-casing, binary or counts, stop
   words) over the cache's stored ``vocabulary``;
-* codes: :func:`cfrh.model.load_model` of ``runs/<run>/<bits>``, ``hash_image`` / ``hash_text``.
+* codes: the run's saved model (:meth:`cfrh.CFRH.load` of ``<run>/<bits>``), ``hash_image`` / ``hash_text``.
 
 Caches of precomputed features (WIKI, the ``.mat`` releases) cannot hash new raw images or texts:
 their features came from a pipeline cfrh does not have. Items already in such a cache still have
-codes (``runs/<run>/<bits>/*_codes``) and can be searched with.
+codes in the run and can be searched with.
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ from .errors import CfrhError
 from .features.text import BowVectoriser
 
 if TYPE_CHECKING:
+    from .estimator import CFRH
     from .features.image import ClipImageEncoder
-    from .model import CFRHModel
+    from .runs import RunStore
 
 MODALITIES = ("image", "text")
 # The vectoriser settings that decide which words a text contributes (the manifest's request.text).
@@ -130,15 +131,21 @@ class Encoded:
 class CodeEncoder:
     """A trained model plus the cache's feature extractors: new images or texts → packed codes."""
 
-    def __init__(self, cache: FeatureCache, run: str = "cfrh", bits: int = 64, image_model: str | None = None,
+    def __init__(self, cache: FeatureCache, run: "RunStore", bits: int = 64, image_model: str | None = None,
                  device: str = "auto", batch_size: int = 32, workers: int = 0,
                  on_images: Callable[[int, int], None] | None = None):
-        """``workers``: image-decoding processes (0: decode in this process; worth it for large folders);
-        ``on_images(done, total)`` is called after each batch of images (progress bars)."""
-        from .model import load_model
+        """``run``: a run trained on ``cache`` (:func:`cfrh.runs.open_run`); ``workers``: image-decoding
+        processes (0: decode in this process; worth it for large folders); ``on_images(done, total)`` is
+        called after each batch of images (progress bars)."""
+        from .estimator import CFRH
+        from .runs import RunError
 
         self.cache, self.run, self.bits = cache, run, int(bits)
-        self.model: CFRHModel = load_model(cache, run, self.bits)
+        if self.bits not in run.complete_bits():
+            raise RunError(f"{run.url}: run {run.name!r} has no complete {self.bits}-bit model (complete: "
+                           f"{', '.join(map(str, run.complete_bits())) or 'none'}); run `cfrh train "
+                           f"{cache.dataset} --bits {self.bits}`")
+        self.model: CFRH = CFRH.load(run.model_dir(self.bits))
         self.image_model, self.device, self.batch_size = image_model, device, int(batch_size)
         self.workers, self.on_images = int(workers), on_images
         self._image: ClipImageEncoder | None = None

@@ -1,14 +1,14 @@
 """Evaluate a training run on its pipeline's protocol: the mAP table, a JSON/Markdown report and plots.
 
 Reads from the pipeline's cache (:func:`cfrh.cache.open_pipeline_cache`): ``labels``, the stored
-``splits/query`` and ``splits/database`` (the same rows for every method and rerun), and
-``runs/<run>/<bits>/{image_codes,text_codes}``. Every bit length is scored in every direction
+``splits/query`` and ``splits/database`` (the same rows for every method and rerun), and from the
+training run (:func:`cfrh.runs.open_run`, refused when it was trained on another cache) its codes. Every bit length is scored in every direction
 (image→text, text→image, image→image, text→text: which codes are queries, which the database)
 with :func:`cfrh.metrics.retrieval_metrics`, next to two references that make the numbers
 trustworthy: a baseline scored the same way on the same splits (``random-projection``: the sign of
 a seeded Gaussian projection of the cached features, centred on the training mean, at the same
 bits) and the chance level (the expected score of a random ranking). Writes
-``runs/<run>/report/{report.json, report.md, pr_curves.png, topn_precision.png}`` in the cache.
+``report/{report.json, report.md, pr_curves.png, topn_precision.png}`` into the run.
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ from .data import feature_blocks, feature_mean
 from .errors import CfrhError
 from .metrics import RULE_DEFINITIONS, RULES, MetricError, RetrievalResult, map_k_rule, retrieval_metrics
 from .plots import Series, line_panels
+from .runs import RunStore, open_run
 
 log = logging.getLogger(__name__)
 
 REPORT_FORMAT = 1
-RUN_ATTR = "cfrh_run"  # the run group's attrs, written by cfrh.training
 DIRECTIONS = {"i2t": ("image", "text", "image→text"), "t2i": ("text", "image", "text→image"),
               "i2i": ("image", "image", "image→image"), "t2t": ("text", "text", "text→text")}
 BASELINES = ("random-projection", "none")
@@ -96,31 +96,9 @@ class EvaluateConfig:
 
 
 # -- reading what the training stage wrote --------------------------------------------------------
-def available_bits(cache: FeatureCache, run: str) -> list[int]:
-    """Bit lengths of a run whose codes are complete (per the run's attrs; for codes written by other tools,
-    every numeric subgroup holding both code arrays)."""
-    group = cache.run_group(run)
-    attrs = dict(group.attrs.get(RUN_ATTR, {}))
-    if "complete" in attrs:
-        return sorted(int(b) for b, done in attrs["complete"].items() if done)
-    return sorted(int(name) for name, _ in group.groups()
-                  if name.isdigit() and all(cache.has(f"runs/{run}/{name}/{m}_codes") for m in ("image", "text")))
-
-
-def load_codes(cache: FeatureCache, run: str, bits: int) -> dict[str, np.ndarray]:
+def load_codes(store: RunStore, cache: FeatureCache, bits: int) -> dict[str, np.ndarray]:
     """A run's packed image and text codes for every item of the cache, checked against the cache's size."""
-    codes = {}
-    for modality in ("image", "text"):
-        path = f"runs/{run}/{bits}/{modality}_codes"
-        if not cache.has(path):
-            raise EvaluateError(f"{cache.url}: {path} is missing although run {run!r} lists {bits} bits as complete; "
-                                f"retrain it with `cfrh train --bits {bits} --no-resume`")
-        arr = cache.array(path)
-        if tuple(arr.shape) != (cache.n_items, bits // 8) or np.dtype(arr.dtype) != np.uint8:
-            raise EvaluateError(f"{cache.url}: {path} is {arr.dtype} {arr.shape}, expected uint8 "
-                                f"({cache.n_items}, {bits // 8}); retrain with `cfrh train --no-resume`")
-        codes[modality] = np.asarray(arr[...])
-    return codes
+    return {m: store.read_codes(bits, m, cache.n_items) for m in ("image", "text")}
 
 
 def random_projection_codes(cache: FeatureCache, bits: int, train_rows: np.ndarray, seed: int = 0,
@@ -282,7 +260,8 @@ def figures(report: dict) -> dict[str, bytes]:
 
 def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh", bits: list[int] | None = None,
              map_k: list[int] | None = None, baseline: str | None = None, directions: list[str] | None = None,
-             write: bool = True, on_batch: Callable[[str, int, int], None] | None = None) -> dict:
+             write: bool = True, on_batch: Callable[[str, int, int], None] | None = None, *,
+             runs_root: str | None = None, model: str | None = None) -> dict:
     """Score a run's codes (and the baseline) on the pipeline's protocol; write and return the report.
 
     ``bits`` defaults to every complete bit length of the run; ``map_k``, ``baseline`` and
@@ -293,15 +272,16 @@ def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh
     if overrides:
         config = EvaluateConfig.from_dict({**dataclasses.asdict(config), **overrides}, where)
     t_start = time.perf_counter()
-    cache = open_pipeline_cache(pipeline, cache_root)
+    cache = open_pipeline_cache(pipeline, cache_root, model=model)
     if not cache.has("labels"):
         raise EvaluateError(f"{cache.url}: the cache has no labels, and retrieval metrics need them; evaluate a "
                             f"labelled dataset (or use `cfrh search` to look at results)")
-    have = available_bits(cache, run)
+    store = open_run(runs_root, cache, run)
+    have = store.complete_bits()
     wanted = sorted(set(bits)) if bits else have
     missing = [b for b in wanted if b not in have]
     if missing or not wanted:
-        raise EvaluateError(f"{cache.url}: run {run!r} has no complete codes for {missing or 'any bit length'} "
+        raise EvaluateError(f"{store.url}: run {run!r} has no complete codes for {missing or 'any bit length'} "
                             f"(complete: {have or 'none'}); run `cfrh train {pipeline.name}"
                             + (f" --bits {','.join(map(str, missing))}" if missing else "") + "` first")
     query, database = cache.split("query"), cache.split("database")
@@ -320,7 +300,7 @@ def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh
     config = dataclasses.replace(config, map_k=ks["map_k"], precision_k=ks["precision_k"], topn=ks["topn"])
 
     results, curve_data = [], {}
-    methods = [(run, lambda b: load_codes(cache, run, b))]
+    methods = [(run, lambda b: load_codes(store, cache, b))]
     if config.baseline == "random-projection":
         train_rows = cache.split("train")
         methods.append((config.baseline, lambda b: random_projection_codes(cache, b, train_rows, config.baseline_seed)))
@@ -330,9 +310,10 @@ def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh
             results += [{"method": method, "bits": b, "direction": d, **r} for d, r in rows.items()]
             curve_data.setdefault(method, {})[str(b)] = plots
 
-    run_attrs = dict(cache.run_group(run).attrs.get(RUN_ATTR, {}))
+    run_info = store.info()
     report = {
         "format": REPORT_FORMAT, "pipeline": pipeline.name, "run": run, "method": run, "cache": cache.url,
+        "run_url": store.url, "cache_fingerprint": cache.fingerprint,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "protocol": {"split": pipeline.split, "n_query": int(len(query)), "n_database": int(len(database)),
                      "n_train": int(len(cache.split("train"))), "n_labels": int(protocol.labels.shape[1])},
@@ -343,15 +324,14 @@ def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh
                               "recall over queries with a relevant item"},
         "features": {"image": cache.request.get("image", {}), "text": cache.request.get("text", {})},
         "warnings": cache.warnings(),
-        "train_config": run_attrs.get("config", {}), "notes": notes,
+        "train_config": run_info.get("config", {}), "notes": notes,
         "chance": chance_level(protocol, config), "results": results, "curves": curve_data,
     }
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     if write:
-        base = f"runs/{run}/report"
         files = {"report.md": markdown(report).encode(), **figures(report)}
-        report["files"] = {name: cache.file_path(f"{base}/{name}") for name in ["report.json", *files]}
+        report["files"] = {name: store.url_of(f"report/{name}") for name in ["report.json", *files]}
         for name, data in files.items():
-            cache.write_bytes(f"{base}/{name}", data)
-        cache.write_bytes(f"{base}/report.json", json.dumps(report, indent=1).encode())
+            store.write_bytes(f"report/{name}", data)
+        store.write_bytes("report/report.json", json.dumps(report, indent=1).encode())
     return report

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cache import FeatureCache, feature_key, iter_row_blocks
+from .cache import FeatureCache, feature_key, iter_row_blocks, writer_lock
 from .config import Pipeline
 from .datasets.base import Collection, DropReport, read_dataset
 from .errors import CfrhError
@@ -45,11 +45,13 @@ FEATURE_DEFAULTS: dict[str, Any] = {
     "image_model": "precomputed", "random_init": False, "seed": 0, "local_files_only": "auto",
     "device": "auto", "precision": "auto", "batch_size": 32, "workers": "auto", "block_rows": 1024,
     "text": "auto", "min_df": 1, "max_features": 0,
+    "max_image_pixels": 178_956_970, "background": "white",
 }
 AUTO_WORKERS_MIN_IMAGES = 2000  # below this, spawning workers costs more than it saves
 VERSIONED = ("cfrh", "torch", "transformers", "zarr", "numpy", "scikit-learn", "pillow", "fsspec")
 
 ImagesCallback = Callable[[int, int, float], None]  # (images done this run, images to do this run, seconds)
+StatusCallback = Callable[[str], None]  # what extraction is doing while no image is being embedded
 
 
 class ExtractError(CfrhError, RuntimeError):
@@ -334,12 +336,20 @@ def _write_text(cache: FeatureCache, c: Collection, vec: BowVectoriser | None, t
 def extract(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, overwrite: bool = False, *,
             model: str | None = None, device: str | None = None, precision: str | None = None,
             batch_size: int | None = None, workers: int | str | None = None,
-            on_images: ImagesCallback | None = None) -> ExtractResult:
+            on_images: ImagesCallback | None = None, on_status: StatusCallback | None = None) -> ExtractResult:
     """Extract (or import) a pipeline's features into ``<cache_root>/<pipeline.name>/<feature key>``.
 
     Resumes an interrupted extraction with the same request; a cache built with another request fails
     with the differing settings unless ``overwrite``. Keyword arguments override ``[features]``.
+    A complete cache is only read (so a shared read-only one answers "already complete"); writing holds
+    the cache's lock (:func:`cfrh.cache.writer_lock`), so a concurrent extraction of the same cache waits
+    and then finds it complete instead of writing beside it.
     """
+    def status(message: str) -> None:
+        log.info("%s", message)
+        if on_status is not None:
+            on_status(message)
+
     feats = feature_settings(pipeline, image_model=model, device=device, precision=precision,
                              batch_size=batch_size, workers=workers)
     feats["model_location"] = model_location(pipeline, str(feats["image_model"]), from_pipeline=model is None)
@@ -348,12 +358,35 @@ def extract(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, ove
         raise ExtractError(f"{c.root}: the reader found no usable items (dropped: {c.dropped.counts})")
     plan = _plan(pipeline, c, feats)
     key = feature_key(str(feats["image_model"]))
-    cache, resumed = FeatureCache.create(cache_root, pipeline.name, key, plan.request(pipeline, c), overwrite)
-    if cache.is_complete:
-        log.info("%s is complete; nothing to do (use --overwrite to re-extract)", cache.url)
-        return ExtractResult(cache, resumed=True, already_complete=True, found=cache.manifest.get("found", {}))
-    log.info("%s %s", "resuming" if resumed else "writing", cache.url)
+    request = plan.request(pipeline, c)
+    done = None if overwrite else _complete(cache_root, pipeline.name, key, request)
+    if done is not None:
+        return done
+    with writer_lock(cache_root, pipeline.name, key,
+                     on_wait=lambda lock: status(f"waiting for another extraction of this cache ({lock})")):
+        done = None if overwrite else _complete(cache_root, pipeline.name, key, request)
+        if done is not None:   # the other extraction finished it while this one waited
+            return done
+        cache, resumed = FeatureCache.create(cache_root, pipeline.name, key, request, overwrite)
+        status(f"{'resuming' if resumed else 'writing'} {cache.url}")
+        return _extract_into(cache, resumed, pipeline, c, plan, feats, on_images)
 
+
+def _complete(cache_root: str | os.PathLike | None, dataset: str, key: str,
+              request: dict[str, Any]) -> ExtractResult | None:
+    """The result for a cache that is already complete with this request (read-only), else None."""
+    if not FeatureCache.exists(cache_root, dataset, key):
+        return None
+    cache = FeatureCache.open(cache_root, dataset, key, mode="r", request=request, require_complete=False)
+    if not cache.is_complete:
+        return None
+    log.info("%s is complete; nothing to do (use --overwrite to re-extract)", cache.url)
+    return ExtractResult(cache, resumed=True, already_complete=True, found=cache.manifest.get("found", {}))
+
+
+def _extract_into(cache: FeatureCache, resumed: bool, pipeline: Pipeline, c: Collection, plan: _Plan,
+                  feats: dict[str, Any], on_images: ImagesCallback | None) -> ExtractResult:
+    """Everything after the cache is open for writing (the caller holds its lock)."""
     block_rows = int(feats["block_rows"])
     failures: dict[int, str] = {}
     image_run: dict[str, Any] = {}

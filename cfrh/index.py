@@ -33,17 +33,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numba
 import numpy as np
 
-from .cache import CacheError
 from .codes import as_words, popcount64
 from .errors import CfrhError
 
-if TYPE_CHECKING:
-    from .cache import FeatureCache
 
 FORMAT = 1
 KINDS = ("flat", "ivf", "hnsw")
@@ -424,49 +421,3 @@ class HammingIndex:
         if not path.is_file():
             raise HammingIndexError(f"{path}: index file not found; build one with HammingIndex.save")
         return cls.from_bytes(path.read_bytes(), where=str(path), threads=threads)
-
-
-# -- a pipeline's database --------------------------------------------------------------------------
-def run_codes(cache: "FeatureCache", run: str, bits: int, modality: str,
-              rows: np.ndarray | None = None) -> np.ndarray:
-    """Packed codes a training run wrote for ``modality`` (all rows, or ``rows`` in their order)."""
-    from .training import run_paths
-
-    if modality not in ("image", "text"):
-        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
-    group = cache.run_group(run)  # fails with the runs there are
-    path = run_paths(run, int(bits))[f"{modality}_codes"]
-    if not cache.has(path):
-        have = sorted((int(k) for k, _ in group.groups() if k.isdigit()))
-        raise CacheError(f"{cache.url}: run {run!r} has no {bits}-bit codes (it has: "
-                         f"{', '.join(map(str, have)) or 'none'} bits); run `cfrh train` with --bits {bits}"
-                         + (f" --run {run}" if run != "cfrh" else ""))
-    return cache.read(path, rows)
-
-
-def database_index(cache: "FeatureCache", run: str, bits: int, modality: str, kind: str = "flat",
-                   **params: Any) -> HammingIndex:
-    """A HammingIndex over the ``modality`` codes of the cache's database split; ids are cache rows.
-
-    Built from the stored codes each time: reading them is the whole cost of a flat index (a saved
-    one would be read just the same), and a rebuilt index can never be stale after a retraining."""
-    rows = cache.split("database")
-    index = HammingIndex(int(bits), kind, **params)
-    index.add(run_codes(cache, run, bits, modality, rows), ids=rows)
-    return index
-
-
-def search_cache(cache: "FeatureCache", queries: np.ndarray, target: str, run: str = "cfrh", bits: int = 64,
-                 k: int = 10, index: HammingIndex | None = None) -> list[list[dict[str, Any]]]:
-    """Top-k database items of modality ``target`` for each packed query code: per query a list of
-    ``{rank, row, id, distance}`` plus ``path`` (image targets, when the cache has paths) or ``text``."""
-    index = index or database_index(cache, run, bits, target)
-    dist, rows = index.search(queries, k)
-    found = rows[rows >= 0]
-    uniq = np.unique(found)
-    ids = dict(zip(uniq.tolist(), cache.read("ids", uniq).tolist())) if uniq.size else {}
-    field = "path" if target == "image" and cache.has("paths") else "text"
-    names = dict(zip(uniq.tolist(), cache.read(field + "s", uniq).tolist())) if uniq.size else {}
-    return [[{"rank": r + 1, "row": int(j), "id": str(ids[j]), field: str(names[j]), "distance": int(d)}
-             for r, (d, j) in enumerate(zip(drow.tolist(), rrow.tolist())) if j >= 0]
-            for drow, rrow in zip(dist, rows)]

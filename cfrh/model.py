@@ -8,29 +8,21 @@ their own modality). Features are prepared the same way in training and at infer
 (:data:`PREPROCESS`), with any mean stored in the model, so a saved model hashes new features
 exactly as it hashed the training ones.
 
-A trained model is stored next to its codes in the cache as ``runs/<run>/<bits>/model.safetensors``
-(weights and buffers) and ``model.json`` (everything needed to rebuild it); :func:`load_model`
-brings it back.
+Saving and loading belong to the estimator (:meth:`cfrh.estimator.CFRH.save` / ``load``).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
-from .cache import CacheError, FeatureCache
 from .codes import pack_codes
 from .errors import CfrhError
 
-MODEL_FORMAT = 1
 PREPROCESS = ("none", "l2", "center-l2")
 ALPHA_SCHEDULES = ("sqrt", "linear", "constant")
 HASH_BLOCK_ROWS = 16384
@@ -167,36 +159,3 @@ class CFRHModel(nn.Module):
     def hash_text(self, features: np.ndarray) -> np.ndarray:
         """(N, text_dim) raw text features (e.g. BoW counts) → (N, bits/8) packed codes sign(h)."""
         return self._hash(features, "text")
-
-
-# -- storage in the cache ---------------------------------------------------------------------
-def model_files(run: str, bits: int) -> tuple[str, str]:
-    """Cache-relative paths of a run's model weights and description."""
-    return f"runs/{run}/{bits}/model.safetensors", f"runs/{run}/{bits}/model.json"
-
-
-def save_model(cache: FeatureCache, run: str, model: CFRHModel, extra: dict[str, Any] | None = None) -> str:
-    """Write weights, then the JSON description (the JSON is the "model exists" marker)."""
-    weights_path, json_path = model_files(run, model.spec.bits)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    cache.write_bytes(weights_path, st_save(state))
-    description = {"format": MODEL_FORMAT, "spec": asdict(model.spec), **(extra or {})}
-    cache.write_bytes(json_path, json.dumps(description, indent=2).encode())
-    return cache.file_path(weights_path)
-
-
-def load_model(cache: FeatureCache, run: str, bits: int) -> CFRHModel:
-    """A trained model from the cache, in eval mode, ready for ``hash_image`` / ``hash_text``."""
-    weights_path, json_path = model_files(run, bits)
-    if not cache.file_exists(json_path):
-        have = cache.runs()
-        raise CacheError(f"{cache.url}: no trained {bits}-bit model in run {run!r} "
-                         f"(runs: {', '.join(have) or 'none'}); "
-                         f"run `cfrh train` with --bits {bits}" + (f" --run {run}" if run != "cfrh" else ""))
-    description = json.loads(cache.read_bytes(json_path))
-    if description.get("format") != MODEL_FORMAT:
-        raise CacheError(f"{cache.url}/{json_path}: model format {description.get('format')!r}, this cfrh reads "
-                         f"{MODEL_FORMAT}; retrain with `cfrh train --no-resume`")
-    model = CFRHModel(ModelSpec(**description["spec"]))
-    model.load_state_dict(st_load(cache.read_bytes(weights_path)))
-    return model.eval()

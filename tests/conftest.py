@@ -16,6 +16,13 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+@pytest.fixture(autouse=True)
+def _isolated_roots(tmp_path, monkeypatch):
+    """Default cache and runs roots (./cache, ./runs) point into the test's own folder, never the checkout."""
+    monkeypatch.setenv("CFRH_CACHE", str(tmp_path / "default-cache"))
+    monkeypatch.setenv("CFRH_RUNS", str(tmp_path / "default-runs"))
+
+
 @pytest.fixture
 def wiki_dir() -> Path:
     return shared_path("data", "wiki")

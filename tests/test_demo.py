@@ -34,8 +34,9 @@ def test_a_local_checkpoint_is_used_with_its_weights(tmp_path):
 def test_demo_runs_end_to_end(tmp_path):
     clip_dir = make_tiny_clip(tmp_path / "clip")
     cache, data = tmp_path / "cache", tmp_path / "scenes"
+    runs = tmp_path / "runs"
     result = CliRunner().invoke(cli, ["demo", "--model", str(clip_dir), "--cache", str(cache), "--data", str(data),
-                                      "--epochs", "2"], catch_exceptions=False)
+                                      "--runs", str(runs), "--epochs", "2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = result.output
     for stage in ("1/4 extract", "2/4 train", "3/4 evaluate", "4/4 search: text 'red circle' → images",
@@ -43,7 +44,7 @@ def test_demo_runs_end_to_end(tmp_path):
         assert stage in out
     assert "UNTRAINED" not in out  # a real (if tiny) checkpoint was given
     assert len(list((data / "images").glob("*.jpg"))) == 600
-    reports = list(cache.glob("demo/*/runs/cfrh/report/report.json"))
+    reports = list(runs.glob("demo/*/cfrh/report/report.json"))
     assert len(reports) == 1
     report = json.loads(reports[0].read_text())
     assert report["bits"] == [16, 32, 64] and report["protocol"]["n_query"] == 100
@@ -51,6 +52,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (reports[0].parent / "pr_curves.png").stat().st_size > 0
     # A second run reuses the features and the finished codes.
     again = CliRunner().invoke(cli, ["demo", "--model", str(clip_dir), "--cache", str(cache), "--data", str(data),
-                                     "--epochs", "2"], catch_exceptions=False)
+                                     "--runs", str(runs), "--epochs", "2"], catch_exceptions=False)
     assert again.exit_code == 0, again.output
     assert "re-extracting" not in again.output

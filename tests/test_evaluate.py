@@ -15,6 +15,7 @@ from cfrh.config import ConfigError, load_pipeline
 from cfrh.datasets import read_dataset
 from cfrh.evaluation import EvaluateConfig, EvaluateError, evaluate
 from cfrh.metrics import mean_average_precision, precision_at_k
+from cfrh.runs import RunError, RunStore
 from cfrh.splits import make_splits
 
 PIPELINE = """name = "{name}"
@@ -47,13 +48,14 @@ def build_cache(root: Path, name: str, labels: np.ndarray, image: np.ndarray, te
     for part, rows in splits.items():
         cache.write(f"splits/{part}", rows.astype(np.int64))
     cache.finalize()
-    if runs:
-        group = cache.run_group(run, create=True)
+    if runs:   # as the trainer leaves them, under the default runs root ($CFRH_RUNS, set per test)
+        store = RunStore.of(None, cache, run)
         for bits, (img, txt) in runs.items():
-            cache.write(f"runs/{run}/{bits}/image_codes", img)
-            cache.write(f"runs/{run}/{bits}/text_codes", txt)
-        group.attrs["cfrh_run"] = {"bits": sorted(runs), "complete": {str(b): True for b in runs}}
-    return cache
+            store.write_codes(bits, "image", img)
+            store.write_codes(bits, "text", txt)
+        store.update_info(cache={"url": cache.url, "fingerprint": cache.fingerprint}, bits=sorted(runs),
+                          complete={str(b): True for b in runs})
+    return FeatureCache.open(root, name, feature_key("precomputed"))
 
 
 def label_codes(labels: np.ndarray, bits: int, noise: float, seed: int) -> np.ndarray:
@@ -111,7 +113,8 @@ def test_report_numbers_are_the_metrics_of_the_stored_rows_and_directions(synthe
 def test_report_files_are_written_next_to_the_codes(synthetic):
     root, pipe, cache, *_ = synthetic
     report = evaluate(pipe, root, bits=[32], baseline="none", directions=["i2t", "t2i"])
-    base = Path(cache.path) / "runs" / "cfrh" / "report"
+    base = Path(RunStore.of(None, cache, "cfrh").url) / "report"
+    assert report["files"]["report.json"] == str(base / "report.json")
     assert sorted(p.name for p in base.iterdir()) == ["pr_curves.png", "report.json", "report.md",
                                                       "topn_precision.png"]
     stored = json.loads((base / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
@@ -144,8 +147,8 @@ def test_missing_codes_labels_and_bad_settings_fail_clearly(synthetic, tmp_path)
     with pytest.raises(EvaluateError, match="no labels"):
         evaluate(load_pipeline(write_pipeline(tmp_path, "nolabels", split="query = 5")), tmp_path / "c2")
     assert unlabelled.n_items == 50
-    del cache.group["runs/cfrh/16/text_codes"]
-    with pytest.raises(EvaluateError, match="text_codes is missing.*cfrh train --bits 16 --no-resume"):
+    RunStore.of(None, cache, "cfrh").remove("16/text_codes.npy")
+    with pytest.raises(RunError, match="no complete 16-bit codes.*cfrh train synth --bits 16"):
         evaluate(pipe, root, bits=[16])
 
 
@@ -159,7 +162,7 @@ def test_cli_prints_the_table_and_json(synthetic):
     out = runner.invoke(cli, ["evaluate", str(pipe.path), "--cache", str(root), "--bits", "16,32", "--json",
                               "--baseline", "none", "--direction", "t2i"])
     assert out.exit_code == 0, out.output
-    report = json.loads(out.output[out.output.index("{"):])
+    report = json.loads(out.stdout)       # stdout holds the JSON alone (progress goes to stderr)
     assert [(r["bits"], r["direction"]) for r in report["results"]] == [(16, "t2i"), (32, "t2i")]
     assert "curves" not in report
 

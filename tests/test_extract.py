@@ -235,7 +235,7 @@ def test_cli_extract_ls_info_verify(tiny_clip, dataset_dir, tmp_path):
     cache.group["image"][3] = -row
     res = runner.invoke(cli, ["cache", "verify", "--cache", cache_root])
     assert res.exit_code == 1
-    assert "image: checksum mismatch" in res.output
+    assert "image: block 0 (rows 0–" in res.output and "differ from the digest" in res.output
 
     res = runner.invoke(cli, ["extract", str(toml), "--cache", cache_root, "--set", "split.query=5"])
     assert isinstance(res.exception, CacheMismatch) and "split.query" in str(res.exception)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cfrh.cache import CacheError, CacheMismatch, FeatureCache, describe_differences, feature_key
+from cfrh.cache import CacheCorrupt, CacheError, CacheMismatch, FeatureCache, describe_differences, feature_key
 from cfrh.codes import hamming_distances, pack_codes, unpack_codes
 from cfrh.config import ConfigError, apply_overrides, load_pipeline, parse_override
 from cfrh.splits import SplitError, make_splits
@@ -107,14 +107,19 @@ def test_cache_round_trip_checksums_and_mismatch(tmp_path, root):
     np.testing.assert_array_equal(again.read("image", np.array([7, 3, 7, 49])), img[[7, 3, 7, 49]])
     assert again.strings("ids")[:2] == ["id0", "id1"] and again.n_items == 50
     np.testing.assert_array_equal(again.split("train"), np.arange(0, 50, 2))
-    assert again.verify() == []
+    assert again.verify() == [] and len(again.fingerprint) == 16
+    assert again.manifest["checksums"]["image"]["rows"] == 8 and len(again.manifest["checksums"]["image"]["blocks"]) == 7
+    with pytest.raises(CacheError, match="complete and immutable"):
+        again.write("labels", np.zeros((50, 2), np.uint8))
     rw = FeatureCache.open(root, "toy", "m1", mode="r+")
-    rw.array("image")[3, 1] = 1.0
-    assert any("image: checksum mismatch" in p for p in rw.verify())
+    rw.group["image"][3, 1] = 1.0          # behind the cache's back: block 0 (rows 0-7) now differs
+    assert rw.verify() == ["image: block 0 (rows 0–7) contents differ from the digest recorded at extraction "
+                           "(altered or missing chunk)"]
+    with pytest.raises(CacheCorrupt, match=r"array 'image' block 0 \(rows 0–7\) is corrupt.*--overwrite"):
+        rw.read("image", np.array([40, 2]))
+    np.testing.assert_array_equal(rw.read("image", slice(8, 50)), img[8:])   # other blocks still read
     with pytest.raises(CacheMismatch, match=r"image.model: cache has 'm1', asked for 'm2'"):
         FeatureCache.create(root, "toy", "m1", {"dataset": {"name": "toy"}, "image": {"model": "m2"}})
-    rw.write_bytes("runs/r/model.json", b"{}")
-    assert rw.read_bytes("runs/r/model.json") == b"{}"
 
 
 def test_block_progress_survives_reopen(tmp_path):

@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cfrh.cache import CacheError, FeatureCache
 from cfrh.codes import pack_codes
 from cfrh.config import ConfigError
 from cfrh.loss import LossWeights, loss_terms, reconstruction_error
-from cfrh.model import (CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, load_model,
-                        relaxed_codes, save_model)
+from cfrh.model import CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, relaxed_codes
 from cfrh.similarity import cosine_similarity, fused_similarity, joint_modal_similarity
 from cfrh.training import TrainConfig
 
@@ -149,20 +147,6 @@ def test_model_spec_rejects_bad_settings():
         ModelSpec(image_dim=4, text_dim=4, bits=12)
     with pytest.raises(ModelError, match="image_preprocess"):
         ModelSpec(image_dim=4, text_dim=4, bits=16, image_preprocess="zscore")
-
-
-def test_save_and_load_model_round_trip(tmp_path):
-    cache, _ = FeatureCache.create(tmp_path, "toy", "precomputed", request={"toy": 1})
-    model = _model(32, dropout=0.2)
-    model.set_means(np.arange(12, dtype=np.float32), np.ones(7, dtype=np.float32))
-    save_model(cache, "r1", model, extra={"note": "x"})
-    loaded = load_model(cache, "r1", 32)
-    assert not loaded.training and loaded.spec == model.spec
-    img = np.random.default_rng(1).standard_normal((40, 12)).astype(np.float16)
-    np.testing.assert_array_equal(loaded.hash_image(img), model.hash_image(img))
-    np.testing.assert_array_equal(loaded.image_mean.numpy(), np.arange(12))
-    with pytest.raises(CacheError, match="no trained 64-bit model"):
-        load_model(cache, "r1", 64)
 
 
 # -- the [train] table ------------------------------------------------------------------------------

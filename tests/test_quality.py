@@ -17,6 +17,7 @@ from cfrh.config import ConfigError, load_pipeline
 from cfrh.evaluation import load_codes, random_projection_codes
 from cfrh.extraction import extract
 from cfrh.metrics import mean_average_precision
+from cfrh.runs import open_run
 from cfrh.similarity import fused_similarity, offdiagonal_std
 from cfrh.training import TrainConfig, train
 
@@ -61,15 +62,17 @@ def test_wiki_codes_beat_random_projection(tmp_path, wiki_dir):
     """Real WIKI features, the wiki pipeline's own [train] settings, 64 bits, one thread (~25 s)."""
     pipe = load_pipeline("wiki", [f"dataset.root='{wiki_dir}'", "train.threads=1"])
     extract(pipe, cache_root=tmp_path)
-    train(pipe, cache_root=tmp_path, bits=[64], progress=False)
+    summary = train(pipe, cache_root=tmp_path, bits=[64])
     cache = open_pipeline_cache(pipe, tmp_path)
+    run = open_run(None, cache, "cfrh")
+    assert summary["runs"] == run.url
     labels, q, db = cache.read("labels"), cache.split("query"), cache.split("database")
     assert (len(q), len(db)) == (693, 2173)
 
     def both(codes):
         return (mean_average_precision(codes["image"][q], codes["text"][db], labels[q], labels[db]),
                 mean_average_precision(codes["text"][q], codes["image"][db], labels[q], labels[db]))
-    i2t, t2i = both(load_codes(cache, "cfrh", 64))
+    i2t, t2i = both(load_codes(run, cache, 64))
     rp_i2t, rp_t2i = both(random_projection_codes(cache, 64, cache.split("train"), seed=0))
     # Measured with these settings: .272 / .552; random projection .157 / .122; DJSRH/DGCPN publish ≈ .23 I→T.
     assert i2t >= 0.24 and t2i >= 0.45, (i2t, t2i)

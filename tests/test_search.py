@@ -11,12 +11,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cfrh.cache import CacheError, open_pipeline_cache
+from cfrh.cache import open_pipeline_cache
 from cfrh.cli import cli
 from cfrh.codes import hamming_distances
 from cfrh.config import load_pipeline
 from cfrh.encode import CodeEncoder, EncodeError
 from cfrh.extraction import extract
+from cfrh.runs import RunError, RunStore, open_run
 from cfrh.training import train
 from clip_fixtures import make_tiny_clip
 
@@ -63,22 +64,28 @@ image_hidden = [32]
 text_hidden = [32]
 threads = 1
 """)
-    cache_root = str(base / "cache")
+    cache_root, runs_root = str(base / "cache"), str(base / "runs")
     pipe = load_pipeline(toml)
     extract(pipe, cache_root)
-    train(pipe, cache_root, progress=False)
-    return {"toml": str(toml), "cache": cache_root, "root": root, "base": base, "pipe": pipe,
-            "cache_obj": open_pipeline_cache(pipe, cache_root)}
+    train(pipe, cache_root, runs_root=runs_root)
+    cache = open_pipeline_cache(pipe, cache_root)
+    return {"toml": str(toml), "cache": cache_root, "runs": runs_root, "root": root, "base": base, "pipe": pipe,
+            "cache_obj": cache, "store": open_run(runs_root, cache, "cfrh")}
 
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def brute(query: np.ndarray, cache, codes_path: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+def stored(built, bits: int, modality: str) -> np.ndarray:
+    """The codes the training run wrote for every cache row."""
+    return built["store"].read_codes(bits, modality)
+
+
+def brute(query: np.ndarray, cache, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows and distances of the k nearest database items, ties by row (= database position)."""
     rows = cache.split("database")
-    dist = hamming_distances(query, cache.read(codes_path, rows))[0]
+    dist = hamming_distances(query, codes[rows])[0]
     order = np.argsort(dist, kind="stable")[:k]
     return rows[order], dist[order]
 
@@ -88,12 +95,12 @@ def test_encode_texts_reproduces_the_training_codes(built, tmp_path):
     texts = cache.strings("texts")
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     out = tmp_path / "codes.npy"
-    res = invoke("encode", built["toml"], "--cache", built["cache"], "--bits", 16, "--text-file",
+    res = invoke("encode", built["toml"], "--cache", built["cache"], "--runs", built["runs"], "--bits", 16, "--text-file",
                  tmp_path / "texts.txt", "--out", out)
     assert res.exit_code == 0, res.output
     codes = np.load(out)
     assert codes.shape == (48, 2) and codes.dtype == np.uint8
-    np.testing.assert_array_equal(codes, cache.read("runs/cfrh/16/text_codes"))
+    np.testing.assert_array_equal(codes, stored(built, 16, "text"))
 
 
 def test_encode_image_folder_reproduces_codes_and_skips_broken_files(built, tmp_path):
@@ -103,29 +110,29 @@ def test_encode_image_folder_reproduces_codes_and_skips_broken_files(built, tmp_
     (folder / "broken.jpg").write_bytes(b"\x00 not an image")
     (folder / "notes.txt").write_text("not an image suffix, not picked up from a folder")
     out = tmp_path / "codes.json"
-    res = invoke("encode", built["toml"], "--cache", built["cache"], "--bits", 32, "--images", folder, "--out", out)
+    res = invoke("encode", built["toml"], "--cache", built["cache"], "--runs", built["runs"], "--bits", 32, "--images", folder, "--out", out)
     assert res.exit_code == 0, res.output
     assert "skipped 1 of 49 images" in res.output and "broken.jpg" in res.output
     doc = json.loads(out.read_text())
     assert doc["bits"] == 32 and doc["modality"] == "image" and len(doc["items"]) == 48
     assert doc["skipped"][0]["input"].endswith("broken.jpg")
     assert doc["skipped"][0]["reason"].startswith("image decode failed")
-    stored = cache.read("runs/cfrh/32/image_codes")
+    image_codes = stored(built, 32, "image")
     row_of = {Path(p).name: i for i, p in enumerate(cache.strings("paths"))}
     for item in doc["items"]:
-        assert item["code"] == stored[row_of[Path(item["input"]).name]].tobytes().hex()
+        assert item["code"] == image_codes[row_of[Path(item["input"]).name]].tobytes().hex()
 
 
 def test_search_text_query_equals_brute_force(built):
     cache = built["cache_obj"]
-    res = invoke("search", built["toml"], "--cache", built["cache"], "--bits", 32, "--text", "red dog",
+    res = invoke("search", built["toml"], "--cache", built["cache"], "--runs", built["runs"], "--bits", 32, "--text", "red dog",
                  "--k", 7, "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert doc["target"] == "image" and len(doc["results"]) == 7
-    query = CodeEncoder(cache, "cfrh", 32).encode_texts(["red dog"]).codes
+    query = CodeEncoder(cache, built["store"], 32).encode_texts(["red dog"]).codes
     assert doc["query"]["code"] == query[0].tobytes().hex()
-    rows, dist = brute(query, cache, "runs/cfrh/32/image_codes", 7)
+    rows, dist = brute(query, cache, stored(built, 32, "image"), 7)
     assert [r["row"] for r in doc["results"]] == rows.tolist()
     assert [r["distance"] for r in doc["results"]] == dist.tolist()
     assert [r["rank"] for r in doc["results"]] == list(range(1, 8))
@@ -137,15 +144,15 @@ def test_search_text_query_equals_brute_force(built):
 def test_search_image_query_finds_texts(built):
     cache = built["cache_obj"]
     image = built["root"] / "images" / "004.png"
-    res = invoke("search", built["toml"], "--cache", built["cache"], "--bits", 32, "--image", image,
+    res = invoke("search", built["toml"], "--cache", built["cache"], "--runs", built["runs"], "--bits", 32, "--image", image,
                  "--k", 5, "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert doc["target"] == "text"
     row = cache.strings("paths").index("images/004.png")
-    query = cache.read("runs/cfrh/32/image_codes", np.array([row]))  # the image is in the cache: same code
+    query = stored(built, 32, "image")[np.array([row])]  # the image is in the cache: same code
     assert doc["query"]["code"] == query[0].tobytes().hex()
-    rows, dist = brute(query, cache, "runs/cfrh/32/text_codes", 5)
+    rows, dist = brute(query, cache, stored(built, 32, "text"), 5)
     assert [r["row"] for r in doc["results"]] == rows.tolist()
     assert [r["text"] for r in doc["results"]] == [cache.strings("texts")[r] for r in rows]
 
@@ -154,11 +161,11 @@ def test_search_by_query_id_and_table_output(built):
     cache = built["cache_obj"]
     qrow = int(cache.split("query")[0])
     qid = cache.strings("ids")[qrow]
-    res = invoke("search", built["toml"], "--cache", built["cache"], "--bits", 16, "--query-id", qid,
+    res = invoke("search", built["toml"], "--cache", built["cache"], "--runs", built["runs"], "--bits", 16, "--query-id", qid,
                  "--query-modality", "text", "--k", 3)
     assert res.exit_code == 0, res.output
-    rows, dist = brute(cache.read("runs/cfrh/16/text_codes", np.array([qrow])), cache,
-                       "runs/cfrh/16/image_codes", 3)
+    rows, dist = brute(stored(built, 16, "text")[np.array([qrow])], cache,
+                       stored(built, 16, "image"), 3)
     assert "image path" in res.output and "distance" in res.output
     for rank, (r, d) in enumerate(zip(rows, dist), 1):
         line = next(line for line in res.output.splitlines() if cache.strings("ids")[r] in line
@@ -169,28 +176,28 @@ def test_search_by_query_id_and_table_output(built):
 @pytest.mark.parametrize("args, error, match", [
     (["--query-id", "nope", "--bits", 16], EncodeError, "no item with id 'nope'"),
     (["--text", "zebra giraffe", "--bits", 16], EncodeError, "no word of 'zebra giraffe'"),
-    (["--text", "red", "--bits", 64], CacheError, "cfrh train"),
-    (["--query-id", "images/000.png", "--bits", 64], CacheError, "has no 64-bit codes"),
-    (["--text", "red", "--run", "other"], CacheError, "run 'other' (runs: cfrh)"),
-    (["--query-id", "images/000.png", "--run", "other"], CacheError, "no training run 'other'"),
+    (["--text", "red", "--bits", 64], RunError, "cfrh train searchtest --bits 64"),
+    (["--query-id", "images/000.png", "--bits", 64], RunError, "has no complete 64-bit codes"),
+    (["--text", "red", "--run", "other"], RunError, "no training run 'other' for this cache (runs here: cfrh)"),
+    (["--query-id", "images/000.png", "--run", "other"], RunError, "no training run 'other'"),
 ])
 def test_search_errors_are_one_line_cfrh_errors(built, args, error, match):
-    res = invoke("search", built["toml"], "--cache", built["cache"], *args)
+    res = invoke("search", built["toml"], "--cache", built["cache"], "--runs", built["runs"], *args)
     assert isinstance(res.exception, error) and match in str(res.exception)
     assert "\n" not in str(res.exception)
 
 
 def test_usage_errors(built, tmp_path):
-    res = invoke("search", built["toml"], "--cache", built["cache"], "--text", "red", "--query-id", "x")
+    res = invoke("search", built["toml"], "--cache", built["cache"], "--runs", built["runs"], "--text", "red", "--query-id", "x")
     assert res.exit_code == 2 and "exactly one query" in res.output
-    res = invoke("encode", built["toml"], "--cache", built["cache"], "--texts", "red", "--images",
+    res = invoke("encode", built["toml"], "--cache", built["cache"], "--runs", built["runs"], "--texts", "red", "--images",
                  built["root"] / "images")
     assert res.exit_code == 2 and "one modality per call" in res.output
-    res = invoke("encode", built["toml"], "--cache", built["cache"], "--bits", 16, "--texts", "red",
+    res = invoke("encode", built["toml"], "--cache", built["cache"], "--runs", built["runs"], "--bits", 16, "--texts", "red",
                  "--out", tmp_path / "codes.txt")
     assert res.exit_code == 2 and ".npy or .json" in res.output
     # positional inputs after the flag belong to its modality
-    res = invoke("encode", built["toml"], "--cache", built["cache"], "--bits", 16, "--texts", "red dog", "blue sea",
+    res = invoke("encode", built["toml"], "--cache", built["cache"], "--runs", built["runs"], "--bits", 16, "--texts", "red dog", "blue sea",
                  "zebra", "--out", tmp_path / "t.json")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "t.json").read_text())
@@ -200,7 +207,7 @@ def test_usage_errors(built, tmp_path):
 
 def test_another_image_model_is_refused(built, tmp_path):
     other = make_tiny_clip(tmp_path / "other-clip", seed=1)
-    res = invoke("encode", built["toml"], "--cache", built["cache"], "--bits", 16, "--model", other,
+    res = invoke("encode", built["toml"], "--cache", built["cache"], "--runs", built["runs"], "--bits", 16, "--model-dir", other,
                  "--images", built["root"] / "images" / "000.png")
     assert isinstance(res.exception, EncodeError)
     assert "not the image model" in str(res.exception) and "revision" in str(res.exception)
@@ -211,8 +218,9 @@ def test_precomputed_cache_searches_by_id_only(wiki_dir, tmp_path):
     pipe = load_pipeline("wiki", [f"dataset.root='{wiki_dir}'", "train.bits=[16]", "train.epochs=1",
                                   "train.image_hidden=[64]", "train.text_hidden=[64]"])
     extract(pipe, cache_root)
-    train(pipe, cache_root, progress=False)
+    train(pipe, cache_root)                      # into the default runs root ($CFRH_RUNS, this test's own)
     cache = open_pipeline_cache(pipe, cache_root)
+    codes = RunStore.of(None, cache, "cfrh")
     sets = [f"--set=dataset.root='{wiki_dir}'"]
     res = invoke("encode", "wiki", "--cache", cache_root, *sets, "--bits", 16, "--texts", "a church")
     assert isinstance(res.exception, EncodeError) and "shipped precomputed" in str(res.exception)
@@ -223,8 +231,7 @@ def test_precomputed_cache_searches_by_id_only(wiki_dir, tmp_path):
                  "--query-id", cache.strings("ids")[qrow])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
-    rows, dist = brute(cache.read("runs/cfrh/16/image_codes", np.array([qrow])), cache,
-                       "runs/cfrh/16/text_codes", 10)
+    rows, dist = brute(codes.read_codes(16, "image")[[qrow]], cache, codes.read_codes(16, "text"), 10)
     assert [r["row"] for r in doc["results"]] == rows.tolist()
     assert [r["distance"] for r in doc["results"]] == dist.tolist()
     assert len(cache.split("database")) == 2173

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import cfrh.estimator as estimator_mod
 import cfrh.training as train_mod
 from cfrh.cache import FeatureCache
 from cfrh.cli import cli
 from cfrh.config import Pipeline, load_pipeline
 from cfrh.data import PairBatches
-from cfrh.model import load_model
-from cfrh.training import RUN_ATTR, TrainConfig, TrainError, train
+from cfrh.estimator import CFRH
+from cfrh.runs import RunStore
+from cfrh.training import TrainConfig, TrainError, train
 
 SMALL = {"bits": [8, 16], "epochs": 3, "batch_size": 32, "image_hidden": [16], "text_hidden": [12],
          "dropout": 0.1, "threads": 1}
@@ -43,9 +45,24 @@ def pipeline(name: str = "toy", **train_settings) -> Pipeline:
     return Pipeline(name=name, path=None, dataset={"reader": "folder"}, train={**SMALL, **train_settings})
 
 
-def codes(cache: FeatureCache, run: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    g = cache.group
-    return g[f"runs/{run}/{bits}/image_codes"][...], g[f"runs/{run}/{bits}/text_codes"][...]
+def run_store(root, cache: FeatureCache, run: str = "cfrh") -> RunStore:
+    return RunStore.of(root / "runs", cache, run)
+
+
+def codes(cache: FeatureCache, run: str, bits: int, root=None) -> tuple[np.ndarray, np.ndarray]:
+    store = run_store(root or cache_root_of(cache), cache, run)
+    return store.read_codes(bits, "image", cache.n_items), store.read_codes(bits, "text", cache.n_items)
+
+
+def cache_root_of(cache: FeatureCache):
+    from pathlib import Path
+
+    return Path(cache.url).parent.parent
+
+
+def fit(pipe: Pipeline, root, **kwargs):
+    """Train with the runs next to the cache root (root/runs), as the tests' caches live in root."""
+    return train(pipe, root, runs_root=root / "runs", **kwargs)
 
 
 # -- batches ------------------------------------------------------------------------------------------
@@ -78,26 +95,31 @@ def test_streaming_reads_storage_blocks_together(tmp_path):
 # -- training -------------------------------------------------------------------------------------------
 def test_train_writes_packed_codes_for_every_item(tmp_path):
     cache = make_cache(tmp_path)
-    summary = train(pipeline(), tmp_path, progress=False)
+    summary = fit(pipeline(), tmp_path)
     assert set(summary["bits"]) == {"8", "16"} and summary["train_rows"] == 250 and not summary["streamed"]
     image, text = cache.read("image"), cache.read("text")
-    attrs = cache.run_group("cfrh").attrs[RUN_ATTR]
+    store = run_store(tmp_path, cache)
+    assert store.url == str(tmp_path / "runs" / "toy" / "precomputed" / "cfrh")
+    attrs = store.info()
+    assert attrs["cache"]["fingerprint"] == cache.fingerprint and attrs["cache"]["url"] == cache.url
     for bits in (8, 16):
         ic, tc = codes(cache, "cfrh", bits)
         assert ic.shape == tc.shape == (300, bits // 8) and ic.dtype == tc.dtype == np.uint8
-        model = load_model(cache, "cfrh", bits)
+        model = CFRH.load(store.model_dir(bits))
         np.testing.assert_array_equal(ic, model.hash_image(image))
         np.testing.assert_array_equal(tc, model.hash_text(text))
         s = summary["bits"][str(bits)]
-        assert s["epochs"] == 3 and s["image_codes"] == f"runs/cfrh/{bits}/image_codes" and not s["skipped"]
+        assert s["epochs"] == 3 and s["image_codes"] == store.url_of(f"{bits}/image_codes.npy") and not s["skipped"]
         assert set(s["loss"]) >= {"intra", "cross", "recon", "pair", "total"}
         history = attrs["history"][str(bits)]
         assert [h["epoch"] for h in history] == [1, 2, 3] and attrs["complete"][str(bits)] is True
         assert history[2]["alpha"] == pytest.approx(3 ** 0.5)
-        assert not cache.file_exists(f"runs/cfrh/{bits}/checkpoint.safetensors")
-        description = json.loads(cache.read_bytes(f"runs/cfrh/{bits}/model.json"))
+        assert not store.exists(f"{bits}/checkpoint.safetensors")
+        description = json.loads(store.read_bytes(f"{bits}/model.json"))
         assert description["spec"]["bits"] == bits and description["train_config"]["epochs"] == 3
     assert attrs["bits"] == [8, 16] and attrs["config"]["batch_size"] == 32
+    # Nothing was written into the cache.
+    assert sorted(cache.data_arrays()) == sorted(cache.manifest["checksums"])
     # The codes are not trivial: both modalities use both signs of every bit somewhere.
     ic, tc = codes(cache, "cfrh", 16)
     assert 0 < np.unpackbits(ic, axis=1).mean() < 1 and 0 < np.unpackbits(tc, axis=1).mean() < 1
@@ -105,9 +127,9 @@ def test_train_writes_packed_codes_for_every_item(tmp_path):
 
 def test_same_seed_same_codes(tmp_path):
     cache = make_cache(tmp_path)
-    train(pipeline(), tmp_path, bits=[16], run="a", progress=False)
-    train(pipeline(), tmp_path, bits=[16], run="b", progress=False)
-    train(pipeline(seed=1), tmp_path, bits=[16], run="c", progress=False)
+    fit(pipeline(), tmp_path, bits=[16], run="a")
+    fit(pipeline(), tmp_path, bits=[16], run="b")
+    fit(pipeline(seed=1), tmp_path, bits=[16], run="c")
     for x, y in zip(codes(cache, "a", 16), codes(cache, "b", 16)):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(codes(cache, "a", 16)[0], codes(cache, "c", 16)[0])
@@ -116,7 +138,7 @@ def test_same_seed_same_codes(tmp_path):
 def test_interrupted_run_resumes_to_the_same_codes(tmp_path, monkeypatch):
     cache = make_cache(tmp_path)
     settings = {"epochs": 4, "optimizer": "sgd", "lr_schedule": "cosine"}   # momentum + schedule state resumed too
-    train(pipeline(**settings), tmp_path, run="whole", progress=False)
+    fit(pipeline(**settings), tmp_path, run="whole")
 
     real_save, calls = train_mod.save_checkpoint, []
 
@@ -127,43 +149,44 @@ def test_interrupted_run_resumes_to_the_same_codes(tmp_path, monkeypatch):
             raise KeyboardInterrupt        # killed right after the checkpoint of epoch 2 of the 8-bit model
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train(pipeline(**settings), tmp_path, run="cut", progress=False)
+        fit(pipeline(**settings), tmp_path, run="cut")
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    assert cache.file_exists("runs/cut/8/checkpoint.safetensors")
-    assert cache.run_group("cut").attrs[RUN_ATTR]["complete"]["8"] is False
+    cut = run_store(tmp_path, cache, "cut")
+    assert cut.exists("8/checkpoint.safetensors")
+    assert cut.info()["complete"]["8"] is False
 
-    summary = train(pipeline(**settings), tmp_path, run="cut", progress=False)
+    summary = fit(pipeline(**settings), tmp_path, run="cut")
     assert summary["bits"]["8"]["resumed_from_epoch"] == 2 and summary["bits"]["16"]["resumed_from_epoch"] == 0
     for bits in (8, 16):
         for x, y in zip(codes(cache, "whole", bits), codes(cache, "cut", bits)):
             np.testing.assert_array_equal(x, y)
         strip = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
-        attrs = [cache.run_group(r).attrs[RUN_ATTR]["history"][str(bits)] for r in ("whole", "cut")]
+        attrs = [run_store(tmp_path, cache, r).info()["history"][str(bits)] for r in ("whole", "cut")]
         assert strip(attrs[0]) == strip(attrs[1])
 
 
 def test_finished_runs_are_kept_or_refused_never_mixed(tmp_path):
     cache = make_cache(tmp_path)
-    train(pipeline(), tmp_path, bits=[8], progress=False)
+    fit(pipeline(), tmp_path, bits=[8])
     before = codes(cache, "cfrh", 8)[0].copy()
-    again = train(pipeline(threads=2), tmp_path, bits=[8], progress=False)   # threads do not change results
+    again = fit(pipeline(threads=2), tmp_path, bits=[8])   # threads do not change results
     assert again["bits"]["8"]["skipped"] is True
     np.testing.assert_array_equal(codes(cache, "cfrh", 8)[0], before)
     with pytest.raises(TrainError, match="lr_image: cache has 0.001, asked for 0.01.*--no-resume"):
-        train(pipeline(lr_image=0.01), tmp_path, bits=[8], progress=False)
-    redo = train(pipeline(lr_image=0.01), tmp_path, bits=[8], resume=False, progress=False)
+        fit(pipeline(lr_image=0.01), tmp_path, bits=[8])
+    redo = fit(pipeline(lr_image=0.01), tmp_path, bits=[8], resume=False)
     assert redo["bits"]["8"]["skipped"] is False
-    assert json.loads(cache.read_bytes("runs/cfrh/8/model.json"))["train_config"]["lr_image"] == 0.01
+    assert json.loads(run_store(tmp_path, cache).read_bytes("8/model.json"))["train_config"]["lr_image"] == 0.01
 
 
 def test_streamed_training_and_bad_requests(tmp_path):
     cache = make_cache(tmp_path, chunk_rows=40)
-    summary = train(pipeline(in_memory_mb=0, bits=[8], epochs=2), tmp_path, progress=False)
+    summary = fit(pipeline(in_memory_mb=0, bits=[8], epochs=2), tmp_path)
     assert summary["streamed"] and codes(cache, "cfrh", 8)[0].shape == (300, 1)
     with pytest.raises(TrainError, match="run name"):
-        train(pipeline(), tmp_path, run="../x", progress=False)
+        fit(pipeline(), tmp_path, run="../x")
     with pytest.raises(TrainError, match="fewer than train.batch_size"):
-        train(pipeline(batch_size=512), tmp_path, progress=False)
+        fit(pipeline(batch_size=512), tmp_path)
 
 
 def test_cli_train(tmp_path):
@@ -173,9 +196,9 @@ def test_cli_train(tmp_path):
                     "\n".join(f"{k} = {json.dumps(v)}" for k, v in SMALL.items()) + "\n")
     runner = CliRunner()
     result = runner.invoke(cli, ["train", str(toml), "--cache", str(tmp_path), "--bits", "8", "--epochs", "2",
-                                 "--run", "cli", "--quiet"])
+                                 "--run", "cli", "--quiet", "--runs", str(tmp_path / "mine")])
     assert result.exit_code == 0, result.output
-    assert "run cli" in result.output and FeatureCache.open(tmp_path, "toy", "precomputed").has("runs/cli/8/text_codes")
+    assert "run cli" in result.output and (tmp_path / "mine/toy/precomputed/cli/8/text_codes.npy").is_file()
     bad = runner.invoke(cli, ["train", str(toml), "--cache", str(tmp_path), "--bits", "12"])
     assert bad.exit_code == 2 and "multiples of 8" in bad.output
 
@@ -192,7 +215,7 @@ def test_every_pipeline_train_table_is_valid():
 
 
 def test_auto_threads_leave_busy_cores_alone(monkeypatch):
-    monkeypatch.setattr(train_mod, "available_threads", lambda: 4)
+    monkeypatch.setattr(estimator_mod, "available_threads", lambda: 4)
     for load, expected in ((0.0, 4), (1.2, 3), (2.6, 1), (9.0, 1)):
-        monkeypatch.setattr(train_mod.os, "getloadavg", lambda load=load: (load, load, load))
-        assert train_mod.auto_threads() == expected
+        monkeypatch.setattr(estimator_mod.os, "getloadavg", lambda load=load: (load, load, load))
+        assert estimator_mod.auto_threads() == expected

@@ -7,9 +7,10 @@ import pkgutil
 import sys
 
 import click
+from rich.markup import escape
 
 from ..errors import CfrhError
-from .common import cli, console
+from .common import cli, err_console, say
 
 __all__ = ["cli", "main"]
 
@@ -22,14 +23,14 @@ def main() -> None:
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
-        console.print("[red]aborted[/red]")
+        say("aborted", "red")
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except CfrhError as e:
-        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        err_console.print("[bold red]error:[/bold red] " + escape(str(e)), highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted; rerun the same command to resume[/yellow]")
+        say("interrupted; rerun the same command to resume", "yellow")
         sys.exit(130)

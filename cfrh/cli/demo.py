@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..cache import CacheMismatch, default_cache_root
+from ..cache import CacheMismatch
+from ..locations import cache_root as default_cache_root
 from ..config import load_pipeline
 from ..datasets.shapes import generate_shapes
 from ..demo import DemoModel, choose_model, example_image
@@ -34,12 +35,15 @@ def _model_lines(choice: DemoModel) -> str:
                    "$CLIP_MODEL). Without one, an untrained ViT-B/32, said so plainly.")
 @click.option("--cache", "cache_root", default=None, envvar="CFRH_CACHE",
               help="Cache root: a folder or fsspec URL (default ./cache, or $CFRH_CACHE).")
+@click.option("--runs", "runs_root", default=None, envvar="CFRH_RUNS",
+              help="Runs root: a folder or fsspec URL (default ./runs, or $CFRH_RUNS).")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
               help="Where to render the scenes (default: the demo pipeline's dataset.root, cache/demo-data).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: the pipeline's).")
 @click.option("--query", "query_text", default="red circle", show_default=True, help="The example text search.")
 @click.pass_context
-def demo(ctx: click.Context, clip_model: str | None, cache_root: str | None, data_dir: str | None,
+def demo(ctx: click.Context, clip_model: str | None, cache_root: str | None, runs_root: str | None,
+         data_dir: str | None,
          epochs: int | None, query_text: str) -> None:
     """Run extract → train → evaluate → search on generated scenes of coloured shapes.
 
@@ -60,7 +64,7 @@ def demo(ctx: click.Context, clip_model: str | None, cache_root: str | None, dat
                  f"features.image_model={json.dumps(choice.location)}",
                  f"features.random_init={str(choice.random_init).lower()}",
                  "features.local_files_only=" + ("true" if choice.random_init else '"auto"'))
-    common = {"pipeline_name": PIPELINE, "overrides": overrides, "cache_root": cache_root}
+    common = {"pipeline_name": PIPELINE, "overrides": overrides, "cache_root": cache_root, "model": choice.location}
     try:
         ctx.invoke(extract_command, **common)
     except CacheMismatch as e:
@@ -69,13 +73,14 @@ def demo(ctx: click.Context, clip_model: str | None, cache_root: str | None, dat
                       f"({e})", highlight=False, soft_wrap=True)
         ctx.invoke(extract_command, **common, overwrite=True)
     console.rule("2/4 train")
-    ctx.invoke(train_command, **common, epochs=epochs)
+    staged = {**common, "runs_root": runs_root}
+    ctx.invoke(train_command, **staged, epochs=epochs)
     console.rule("3/4 evaluate")
-    ctx.invoke(evaluate_command, **common)
+    ctx.invoke(evaluate_command, **staged)
     console.rule(f"4/4 search: text {query_text!r} → images")
-    ctx.invoke(search_command, **common, query_text=query_text, k=5)
+    ctx.invoke(search_command, **staged, query_text=query_text, k=5)
     image = example_image(data_root)
     console.rule(f"4/4 search: image {image.name} → texts")
-    ctx.invoke(search_command, **common, query_image=str(image), k=5)
+    ctx.invoke(search_command, **staged, query_image=str(image), k=5)
     console.rule()
     console.print(_model_lines(choice), soft_wrap=True)

@@ -7,7 +7,7 @@ import click
 from rich.table import Table
 
 from ..config import Pipeline
-from .common import cli, console, pipeline_options, progress
+from .common import cli, console, pipeline_options, progress, runs_option, say
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[int] | None:
@@ -23,6 +23,7 @@ def _int_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
 
 @cli.command()
 @pipeline_options
+@runs_option
 @click.option("--run", default="cfrh", show_default=True, help="The training run to evaluate.")
 @click.option("--bits", multiple=True, callback=_int_list, metavar="N[,N...]",
               help="Bit lengths to evaluate (default: every complete one of the run).")
@@ -33,12 +34,13 @@ def _int_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
 @click.option("--direction", "directions", multiple=True, type=click.Choice(["i2t", "t2i", "i2i", "t2t"]),
               help="Directions to score (default: all four).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
-def evaluate(pipeline: Pipeline, cache_root: str | None, run: str, bits: list[int] | None, topk: list[int] | None,
-             baseline: str | None, directions: tuple[str, ...], as_json: bool) -> None:
+def evaluate(pipeline: Pipeline, cache_root: str | None, model: str | None, runs_root: str | None, run: str,
+             bits: list[int] | None, topk: list[int] | None, baseline: str | None, directions: tuple[str, ...],
+             as_json: bool) -> None:
     """Score a run's codes on the pipeline's protocol: mAP@all, mAP@K, P@K (stable tie rule and tie-aware),
     PR curves and top-N precision, for image→text, text→image, image→image and text→text.
 
-    Writes report.json, report.md and PNG plots to runs/<run>/report/ in the cache."""
+    Writes report.json, report.md and PNG plots to the run's report/ folder (under --runs)."""
     from ..evaluation import evaluate as run_evaluate, table_columns, table_rows
 
     with progress() as bar:
@@ -48,7 +50,8 @@ def evaluate(pipeline: Pipeline, cache_root: str | None, run: str, bits: list[in
             bar.update(task, description=name, completed=done, total=total)
 
         report = run_evaluate(pipeline, cache_root, run=run, bits=bits, map_k=topk, baseline=baseline,
-                              directions=list(directions) or None, on_batch=on_batch)
+                              directions=list(directions) or None, on_batch=on_batch, runs_root=runs_root,
+                              model=model)
         bar.update(task, description="scored")
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "curves"}, indent=1))
@@ -71,10 +74,10 @@ def evaluate(pipeline: Pipeline, cache_root: str | None, run: str, bits: list[in
     console.print("chance level (random ranking): "
                   + ", ".join(f"{title} {chance[k]:.4f}" for k, title in table_columns(report) if k in chance))
     console.print(f"ties: {report['definitions']['ties']}; mAP@K rule {report['settings']['map_k_rule']}: "
-                  f"{report['definitions']['map_k']}", highlight=False)
+                  f"{report['definitions']['map_k']}", highlight=False, markup=False)
     for note in report["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        say(f"note: {note}", "yellow")
     for warning in report.get("warnings", []):
-        console.print(f"[bold red]WARNING:[/bold red] {warning}", highlight=False)
+        say(f"WARNING: {warning}", "bold red")
     for name, path in report.get("files", {}).items():
-        console.print(f"wrote {path}", highlight=False)
+        say(f"wrote {path}")

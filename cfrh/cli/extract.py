@@ -6,14 +6,13 @@ import sys
 from typing import Any
 
 import click
-import fsspec
-import zarr
 from rich.table import Table
 
-from ..cache import CacheError, FeatureCache, default_cache_root, list_caches, open_pipeline_cache
-from ..config import Pipeline, load_pipeline
-from ..features.image import PRECISIONS
-from .common import cli, console, pipeline_options, progress
+from ..cache import CacheError, FeatureCache, list_caches, open_pipeline_cache
+from ..config import Pipeline, available_pipelines, load_pipeline
+from ..locations import cache_root as default_cache_root
+from .common import cli, console, pipeline_options, progress, say, with_overrides
+
 
 
 def _drops_rows(table: Table, dropped: dict[str, Any]) -> None:
@@ -23,26 +22,31 @@ def _drops_rows(table: Table, dropped: dict[str, Any]) -> None:
 
 @cli.command()
 @pipeline_options
+@click.option("--data", "data_root", default=None, metavar="DIR",
+              help="The dataset's folder (same as --set dataset.root=DIR).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache for this pipeline and model first.")
-@click.option("--model", default=None, help="CLIP model: a hub id or a local checkpoint directory "
-                                            "(overrides features.image_model).")
 @click.option("--device", default=None, help="auto (GPU when present), cpu, cuda, cuda:N.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+@click.option("--precision", default=None, metavar="auto|fp32|fp16|bf16|int8",
               help="auto: fp16 on a GPU, fp32 on the CPU; int8: dynamic quantisation of Linear layers (CPU).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per model call.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Image-decoding worker processes (default: auto).")
 @click.option("--random-weights", is_flag=True,
               help="Build the model's architecture with random weights (benchmarks only; flagged untrained).")
-def extract(pipeline: Pipeline, cache_root: str | None, overwrite: bool, model: str | None, device: str | None,
-            precision: str | None, batch_size: int | None, workers: int | None, random_weights: bool) -> None:
+def extract(pipeline: Pipeline, cache_root: str | None, model: str | None, data_root: str | None, overwrite: bool,
+            device: str | None, precision: str | None, batch_size: int | None, workers: int | None,
+            random_weights: bool) -> None:
     """Read a dataset, compute CLIP image features and bag-of-words text features, write the cache.
 
-    Rerunning after an interruption resumes where it stopped."""
+    --model is the CLIP model (a hub id or a local checkpoint directory; overrides features.image_model).
+    Rerunning after an interruption resumes where it stopped; a second extraction of the same cache waits
+    for the first, then finds it complete."""
+    import os
+
     from ..extraction import extract as run_extract
 
-    if random_weights:
-        pipeline.features["random_init"] = True
+    pipeline = with_overrides(pipeline, **{"dataset.root": os.path.abspath(data_root) if data_root else None,
+                                           "features.random_init": True if random_weights else None})
     with progress() as bar:
         task = bar.add_task("images", total=None, info="reading the dataset")
 
@@ -50,8 +54,12 @@ def extract(pipeline: Pipeline, cache_root: str | None, overwrite: bool, model: 
             rate = f"{done / seconds:.1f} images/s" if seconds > 0 else ""
             bar.update(task, total=total, completed=done, info=rate)
 
+        def on_status(message: str) -> None:
+            bar.update(task, info=message)
+
         result = run_extract(pipeline, cache_root, overwrite=overwrite, model=model, device=device,
-                             precision=precision, batch_size=batch_size, workers=workers, on_images=on_images)
+                             precision=precision, batch_size=batch_size, workers=workers, on_images=on_images,
+                             on_status=on_status)
         bar.update(task, info="done" if bar.tasks[task].total else "no images to extract")
     counts = result.counts
     table = Table(title=f"{pipeline.name}: " + ("already complete" if result.already_complete else
@@ -81,12 +89,11 @@ def cache() -> None:
 
 def _open_target(target: str, cache_root: str | None, overrides: tuple[str, ...]) -> FeatureCache:
     """A cache group by path/URL (a folder holding zarr.json), else the cache of a pipeline name or file."""
+    import fsspec
+
     fs, path = fsspec.core.url_to_fs(target)
     if fs.exists(f"{path.rstrip('/')}/zarr.json"):
-        group = zarr.open_group(target, mode="r")
-        if "cfrh" not in group.attrs:
-            raise CacheError(f"{target}: a Zarr group without a cfrh manifest")
-        return FeatureCache(target, group)
+        return FeatureCache.at(target)
     return open_pipeline_cache(load_pipeline(target, overrides), cache_root, require_complete=False)
 
 
@@ -116,14 +123,14 @@ def cache_ls(cache_root: str | None) -> None:
     """A table of the caches under the cache root."""
     root = cache_root or default_cache_root()
     table = Table(title=f"feature caches in {root}")
-    for col in ("dataset", "feature key", "items", "image dim", "text dim", "complete", "runs"):
-        table.add_column(col, justify="right" if col in ("items", "image dim", "text dim", "runs") else "left")
+    for col in ("dataset", "feature key", "items", "image dim", "text dim", "complete", "fingerprint"):
+        table.add_column(col, justify="right" if col in ("items", "image dim", "text dim") else "left")
     for fc in list_caches(root):
         m = fc.manifest
         items = m.get("found", {}).get("counts", {}).get("items")
         dataset, key = fc.url.rstrip("/").rsplit("/", 2)[-2:]
         table.add_row(dataset, key, f"{items:,}" if items is not None else "-", _dims(m, "image"), _dims(m, "text"),
-                      "yes" if m.get("complete") else "[yellow]no[/yellow]", str(len(fc.runs())))
+                      "yes" if m.get("complete") else "[yellow]no[/yellow]", m.get("fingerprint") or "-")
     console.print(table)
 
 
@@ -166,7 +173,7 @@ def cache_info(target: str, cache_root: str | None, overrides: tuple[str, ...], 
         table.add_row("last run", f"{thr['images']:,} images in {thr['seconds']:.1f} s "
                       f"({thr['images_per_s']} images/s) on {found['image'].get('device')}")
     table.add_row("arrays", ", ".join(f"{k} {tuple(v)}" for k, v in m.get("shapes", {}).items()))
-    table.add_row("runs", ", ".join(fc.runs()) or "none")
+    table.add_row("fingerprint", str(m.get("fingerprint")))
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in found.get("versions", {}).items()))
     console.print(table)
 
@@ -176,23 +183,65 @@ def cache_info(target: str, cache_root: str | None, overrides: tuple[str, ...], 
 @cache_root_option
 @set_option
 def cache_verify(targets: tuple[str, ...], cache_root: str | None, overrides: tuple[str, ...]) -> None:
-    """Re-check every array against the checksums in its manifest (all caches under the root by default).
-    Exits with status 1 when any cache is incomplete or altered."""
+    """Re-check every block of every array against the digests in its manifest (all caches under the root by
+    default), listing each bad or missing block. Exits with status 1 when any cache is incomplete or altered."""
+    import fsspec
+
+    from ..locations import join
+
     bad = 0
-    for fc in _caches(targets, cache_root, overrides):
+    if targets:
+        found = []
+        for t in targets:
+            try:
+                found.append(_open_target(t, cache_root, overrides))
+            except CacheError as e:   # an unreadable manifest is a finding too
+                bad += 1
+                say(f"FAIL {t}: {e}", "red")
+    else:
+        root = default_cache_root(cache_root)
+        fs, path = fsspec.core.url_to_fs(root)
+        groups = [g.rstrip("/") for g in (fs.glob(join(path, "*", "*", "zarr.json")) if fs.isdir(path) else [])]
+        if not groups:
+            raise CacheError(f"{root}: no feature caches here; run `cfrh extract` first")
+        found = []
+        for g in sorted(groups):
+            url = root.rstrip("/") + "/" + "/".join(g.rsplit("/", 3)[-3:-1])
+            try:
+                found.append(FeatureCache.at(url))
+            except CacheError as e:
+                bad += 1
+                say(f"FAIL {url}: {e}", "red")
+    for fc in found:
         problems = fc.verify()
         if problems:
             bad += 1
-            console.print(f"[red]FAIL[/red] {fc.url}", highlight=False)
+            say(f"FAIL {fc.url}", "red")
             for p in problems:
-                console.print(f"  {p}", highlight=False)
+                say(f"  {p}")
         else:
-            console.print(f"[green]ok[/green]   {fc.url} ({len(fc.manifest.get('checksums', {}))} arrays)",
-                          highlight=False)
+            console.print(f"ok   {fc.url} ({len(fc.manifest.get('checksums', {}))} arrays, every block checked)",
+                          highlight=False, markup=False)
     if bad:
-        console.print(f"[red]{bad} cache(s) with problems[/red]; re-extract them with `cfrh extract PIPELINE "
-                      f"--overwrite`")
+        say(f"{bad} cache(s) with problems; re-extract them with `cfrh extract PIPELINE --overwrite`", "red")
         sys.exit(1)
 
 
-__all__ = ["extract", "cache"]
+@cli.command("pipelines")
+def pipelines_command() -> None:
+    """The packaged pipelines, with their readers and dataset roots (relative roots: the working directory)."""
+    table = Table(title="pipelines (cfrh PIPELINE, or a path to your own .toml)")
+    for col in ("name", "reader", "dataset root", "found", "image model"):
+        table.add_column(col)
+    for name in available_pipelines():
+        p = load_pipeline(name)
+        root = p.dataset.get("root")
+        resolved = p.resolve_path(root) if root else None
+        table.add_row(name, str(p.dataset.get("reader")), str(resolved) if resolved else "-",
+                      "yes" if resolved is not None and resolved.exists() else "no",
+                      str(p.features.get("image_model", "precomputed")))
+    console.print(table)
+    say("give another dataset folder with --data DIR or --set dataset.root=DIR")
+
+
+__all__ = ["extract", "cache", "pipelines_command"]

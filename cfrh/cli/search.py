@@ -10,20 +10,35 @@ import click
 import numpy as np
 from rich.table import Table
 
-from ..cache import open_pipeline_cache
 from ..config import Pipeline
-from ..encode import CodeEncoder, Encoded, EncodeError, expand_image_paths, require_computed
-from ..index import run_codes, search_cache
-from .common import cli, console, pipeline_options, progress
+from .common import cli, console, pipeline_options, progress, runs_option, say
+
+
+def _bits(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value <= 0 or value % 8:
+        raise click.BadParameter(f"{value}: code lengths are positive multiples of 8 (e.g. 16, 32, 64, 128)")
+    return value
+
 
 RUN_OPTIONS = (
+    runs_option,
     click.option("--run", default="cfrh", show_default=True, help="Training run whose model and codes to use."),
-    click.option("--bits", type=click.IntRange(min=8), default=64, show_default=True, help="Code length."),
-    click.option("--model", "image_model", default=None,
+    click.option("--bits", type=int, callback=_bits, default=64, show_default=True, help="Code length."),
+    click.option("--model-dir", "image_model", default=None,
                  help="CLIP checkpoint (hub id or directory) when the one the cache was extracted with lives "
                       "elsewhere on this machine; it must be the same model (checked against the manifest)."),
     click.option("--device", default="auto", show_default=True, help="Device for the image model: auto, cpu, cuda."),
 )
+
+
+def open_cache_and_run(pipeline: Pipeline, cache_root: str | None, model: str | None, runs_root: str | None,
+                       run: str) -> tuple:
+    """The pipeline's cache and a run trained on it (refused, in one line, when it was trained on another)."""
+    from ..cache import open_pipeline_cache
+    from ..runs import open_run
+
+    cache = open_pipeline_cache(pipeline, cache_root, model=model)
+    return cache, open_run(runs_root, cache, run)
 
 
 def run_options(fn: Any) -> Any:
@@ -37,14 +52,14 @@ def _one_line(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def _report_skips(result: Encoded, total: int, what: str) -> None:
+def _report_skips(result: Any, total: int, what: str) -> None:
     if result.skipped:
-        console.print(f"[yellow]skipped {len(result.skipped)} of {total} {what}[/yellow]", highlight=False)
+        say(f"skipped {len(result.skipped)} of {total} {what}", "yellow")
         for item, reason in result.skipped:
-            console.print(f"  {item}: {reason}", highlight=False, soft_wrap=True)
+            say(f"  {item}: {reason}")
     if result.empty:
-        console.print(f"[yellow]{len(result.empty)} of {total} texts have no word of the vocabulary; their codes "
-                      f"are all the same and say nothing about them[/yellow]", highlight=False)
+        say(f"{len(result.empty)} of {total} texts have no word of the vocabulary; their codes are all the same "
+            f"and say nothing about them", "yellow")
 
 
 @cli.command()
@@ -59,11 +74,13 @@ def _report_skips(result: Encoded, total: int, what: str) -> None:
               help="Image-decoding worker processes (worth it for folders of thousands of images).")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True),
               help="Write the codes: .npy (N, bits/8) uint8 packed rows, or .json (inputs with hex codes).")
-def encode(pipeline: Pipeline, cache_root: str | None, more: tuple[str, ...], images: tuple[str, ...],
-           texts: tuple[str, ...], text_file: str | None, run: str, bits: int, image_model: str | None,
-           device: str, workers: int, out: str | None) -> None:
+def encode(pipeline: Pipeline, cache_root: str | None, model: str | None, more: tuple[str, ...],
+           images: tuple[str, ...], texts: tuple[str, ...], text_file: str | None, runs_root: str | None, run: str,
+           bits: int, image_model: str | None, device: str, workers: int, out: str | None) -> None:
     """Hash new images or texts with a trained model, through the cache's own feature extractor settings
     and vocabulary (read from its manifest), so the codes compare with the cache's codes."""
+    from ..encode import CodeEncoder, EncodeError, expand_image_paths, require_computed
+
     if bool(images) + bool(texts or text_file) != 1:
         raise click.UsageError("give images (--images) or texts (--texts / --text-file), one modality per call")
     modality = "image" if images else "text"
@@ -78,11 +95,11 @@ def encode(pipeline: Pipeline, cache_root: str | None, more: tuple[str, ...], im
         inputs = [*texts, *more]
         if text_file:
             inputs += [line.rstrip("\r\n") for line in Path(text_file).read_text(encoding="utf-8").splitlines()]
-    cache = open_pipeline_cache(pipeline, cache_root)
+    cache, store = open_cache_and_run(pipeline, cache_root, model, runs_root, run)
     require_computed(cache, modality)
     with progress() as bar:
         task = bar.add_task(f"{modality}s", total=len(inputs), info="")
-        encoder = CodeEncoder(cache, run, bits, image_model=image_model, device=device, workers=workers,
+        encoder = CodeEncoder(cache, store, bits, image_model=image_model, device=device, workers=workers,
                               on_images=lambda done, total: bar.update(task, completed=done))
         result = encoder.encode(modality, inputs)
         bar.update(task, completed=len(inputs))
@@ -107,9 +124,9 @@ def encode(pipeline: Pipeline, cache_root: str | None, more: tuple[str, ...], im
             "skipped": [{"input": i, "reason": r} for i, r in result.skipped]}, indent=2, ensure_ascii=False))
     else:
         raise click.BadParameter(f"{out}: use a .npy or .json file name", param_hint="--out")
-    console.print(f"wrote {len(result.inputs)} {bits}-bit {modality} codes to {path}"
-                  + (f" (rows follow the {len(result.inputs)} encoded inputs; skipped ones listed above)"
-                     if result.skipped and path.suffix == ".npy" else ""), highlight=False)
+    say(f"wrote {len(result.inputs)} {bits}-bit {modality} codes to {path}"
+        + (f" (rows follow the {len(result.inputs)} encoded inputs; skipped ones listed above)"
+           if result.skipped and path.suffix == ".npy" else ""))
 
 
 @cli.command()
@@ -123,24 +140,27 @@ def encode(pipeline: Pipeline, cache_root: str | None, more: tuple[str, ...], im
 @click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="How many results.")
 @run_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
-def search(pipeline: Pipeline, cache_root: str | None, query_text: str | None, query_image: str | None,
-           query_id: str | None, query_modality: str, k: int, run: str, bits: int, image_model: str | None,
-           device: str, as_json: bool) -> None:
+def search(pipeline: Pipeline, cache_root: str | None, model: str | None, query_text: str | None,
+           query_image: str | None, query_id: str | None, query_modality: str, k: int, runs_root: str | None,
+           run: str, bits: int, image_model: str | None, device: str, as_json: bool) -> None:
     """The nearest database items of the other modality for a text, an image, or an item of the cache."""
+    from ..encode import CodeEncoder, EncodeError, require_computed
+    from ..search import search_cache
+
     if sum(x is not None for x in (query_text, query_image, query_id)) != 1:
         raise click.UsageError("give exactly one query: --text, --image or --query-id")
-    cache = open_pipeline_cache(pipeline, cache_root)
+    cache, store = open_cache_and_run(pipeline, cache_root, model, runs_root, run)
     if query_id is not None:
         ids = cache.read("ids")
         hits = np.flatnonzero(ids == query_id)
         if hits.size == 0:
             raise EncodeError(f"{cache.url}: no item with id {query_id!r}; ids look like {str(ids[0])!r}")
         source, query = query_modality, {"id": query_id, "row": int(hits[0]), "modality": query_modality}
-        codes = run_codes(cache, run, bits, source, hits[:1])
+        codes = store.read_codes(bits, source, cache.n_items)[hits[:1]]
     else:
         source = "text" if query_text is not None else "image"
         require_computed(cache, source)
-        encoded = CodeEncoder(cache, run, bits, image_model=image_model, device=device).encode(
+        encoded = CodeEncoder(cache, store, bits, image_model=image_model, device=device).encode(
             source, [query_text] if query_text is not None else [query_image])
         if encoded.skipped:
             raise EncodeError(f"{query_image}: {encoded.skipped[0][1]}; give a readable image file")
@@ -150,7 +170,7 @@ def search(pipeline: Pipeline, cache_root: str | None, query_text: str | None, q
         codes = encoded.codes
         query = {source: query_text if query_text is not None else query_image}
     target = "text" if source == "image" else "image"
-    results = search_cache(cache, codes, target, run=run, bits=bits, k=k)[0]
+    results = search_cache(cache, store, codes, target, bits=bits, k=k)[0]
     query.update(code=codes[0].tobytes().hex(), bits=bits, run=run)
 
     if as_json:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..config import Pipeline, apply_overrides
-from .common import cli, console, pipeline_options
+from ..config import Pipeline
+from .common import cli, console, pipeline_options, progress, runs_option, say, with_overrides
 
 
 def _parse_bits(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -25,22 +25,38 @@ def _parse_bits(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--bits", callback=_parse_bits, default=None, metavar="B1,B2,...",
               help="Code lengths to train, e.g. 16,32,64,128 (default: the pipeline's train.bits).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Shorthand for --set train.epochs=N.")
+@runs_option
 @click.option("--run", default="cfrh", show_default=True,
-              help="Name of the run; codes go to runs/<run>/<bits>/ in the cache.")
+              help="Name of the run; models and codes go to <runs>/<pipeline>/<feature key>/<run>/<bits>/.")
 @click.option("--no-resume", is_flag=True, help="Start over instead of resuming or keeping finished bit lengths.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_command(pipeline: Pipeline, cache_root: str | None, bits: list[int] | None, epochs: int | None,
-                  run: str, no_resume: bool, quiet: bool) -> None:
-    """Train CFRH from the feature cache of PIPELINE and write hash codes for every item.
+def train_command(pipeline: Pipeline, cache_root: str | None, model: str | None, runs_root: str | None,
+                  bits: list[int] | None, epochs: int | None, run: str, no_resume: bool, quiet: bool) -> None:
+    """Train CFRH from the feature cache of PIPELINE and write hash codes for every item into a run.
 
     Resumes an interrupted run from its last checkpoint; a bit length that already finished with the
-    same settings is kept. Settings come from the pipeline's [train] table (see --set).
+    same settings is kept. Settings come from the pipeline's [train] table (see --set). The cache is only
+    read (it may be shared read-only); the run goes under --runs.
     """
     from ..training import train
 
-    if epochs is not None:
-        pipeline = apply_overrides(pipeline, [f"train.epochs={epochs}"])
-    summary = train(pipeline, cache_root=cache_root, bits=bits, run=run, resume=not no_resume, progress=not quiet)
+    pipeline = with_overrides(pipeline, **{"train.epochs": epochs})
+    if quiet:
+        summary = train(pipeline, cache_root, bits=bits, run=run, resume=not no_resume, runs_root=runs_root,
+                        model=model)
+    else:
+        with progress() as bar:
+            tasks: dict[str, int] = {}
+
+            def on_progress(name: str, advance: int, total: int, terms: dict | None) -> None:
+                if name not in tasks:
+                    tasks[name] = bar.add_task(name, total=total, info="")
+                info = f"ep {terms['epoch']} " + " ".join(
+                    f"{k} {v:.4f}" for k, v in terms.items() if k != "epoch") if terms else None
+                bar.update(tasks[name], advance=advance, **({"info": info} if info else {}))
+
+            summary = train(pipeline, cache_root, bits=bits, run=run, resume=not no_resume, runs_root=runs_root,
+                            model=model, on_progress=on_progress)
     table = Table(title=f"run {summary['run']} · {summary['train_rows']:,} training pairs"
                         f"{' (streamed)' if summary['streamed'] else ''}")
     for col in ("bits", "epochs", "seconds", "intra", "cross", "recon", "pair", "total", "note"):
@@ -53,4 +69,4 @@ def train_command(pipeline: Pipeline, cache_root: str | None, bits: list[int] | 
                       *(f"{loss[k]:.4f}" if k in loss else "-" for k in ("intra", "cross", "recon", "pair", "total")),
                       note)
     console.print(table)
-    console.print(f"codes: {summary['cache']}/runs/{summary['run']}/<bits>/{{image_codes,text_codes}}", highlight=False)
+    say(f"run: {summary['runs']} (codes in <bits>/image_codes.npy, text_codes.npy)")
