@@ -15,8 +15,8 @@ MB besides the codes. Per query:
 **Tie rule** (``ties="stable"``): items at equal Hamming distance keep database order, i.e. the
 ranking is by (distance, database row). This is what a stable sort gives; the field's
 ``np.argsort`` (``calculate_top_map``, ``calc_map``) and ``torch.sort`` (``calc_map_k``) are not
-stable, so their ties fall in an implementation-defined order and their numbers can move with it. ``ties="expected"`` gives the
-tie-aware value instead: the expectation over all orders of equal-distance items (McSherry &
+stable, so their ties fall in an implementation-defined order and their numbers can move with it.
+``ties="expected"`` gives the tie-aware value instead: the expectation over all orders of equal-distance items (McSherry &
 Najork, ECIR 2008), in closed form from the per-distance counts. For a bucket of ``n`` items,
 ``r`` relevant, after ``A`` items of which ``B`` relevant, position ``p`` of the bucket holds a
 relevant item with probability r/n, and then the expected number of hits up to it is

@@ -72,8 +72,8 @@ def _first_bad_cell(path: Path, cells: np.ndarray, lines: np.ndarray, header: li
             except ValueError:
                 ok = False
             if not ok:
-                return DatasetError(f"{path}:{lines[r]}: column {header[c].strip()!r} holds {str(cells[r, c])!r}, not a "
-                                    f"finite number; fix or remove that row in every view file")
+                return DatasetError(f"{path}:{lines[r]}: column {header[c].strip()!r} holds {str(cells[r, c])!r}, "
+                                    f"not a finite number; fix or remove that row in every view file")
     return DatasetError(f"{path}: unreadable numbers; check the file")  # not reached: the caller saw a bad cell
 
 
