@@ -43,7 +43,8 @@ of P(h) · (the expected sum so far + the bucket's share for h hits) / (B + h).
   - ``"first-k-relevant"``: the mean of hit/rank over the first min(K, R) relevant items, wherever
     they rank: ``calc_map_k(qB, rB, query_L, retrieval_L, k)`` of the PyTorch DCMH-style utilities
     (e.g. DarrenZZhang/MM23-MITH ``utils/calc_utils.py``). It was cfrh's default under the name
-    "djsrh" until it turned out not to be DJSRH's rule (on a held-out set the two differ by up to .11);
+    "djsrh" until it turned out not to be DJSRH's rule. The two are far apart: mAP@50 of random-projection
+    codes, image→image, is .526 against .445 on UCI Multiple Features (16 bits), .208 against .150 on WIKI (64 bits);
   - ``"min-k-relevant"``: Σ over the relevant items ranked ≤ K of hit/rank, divided by min(K, R): the
     IR textbook AP@K (e.g. Hamner's ``ml_metrics.apk``).
 
