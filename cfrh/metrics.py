@@ -16,8 +16,8 @@ MB besides the codes. Per query:
 ranking is by (distance, database row). This is what a stable sort gives; the field's
 ``np.argsort`` (``calculate_top_map``, ``calc_map``) and ``torch.sort`` (``calc_map_k``) are not
 stable, so their ties fall in an implementation-defined order and their numbers can move with it.
-``ties="expected"`` gives the tie-aware value instead: the expectation over all orders of equal-distance items (McSherry &
-Najork, ECIR 2008), in closed form from the per-distance counts. For a bucket of ``n`` items,
+``ties="expected"`` gives the tie-aware value instead: the expectation over all orders of
+equal-distance items (McSherry & Najork, ECIR 2008), in closed form from the per-distance counts. For a bucket of ``n`` items,
 ``r`` relevant, after ``A`` items of which ``B`` relevant, position ``p`` of the bucket holds a
 relevant item with probability r/n, and then the expected number of hits up to it is
 ``B + 1 + (p-1)(r-1)/(n-1)`` (hypergeometric), so the bucket adds
@@ -43,8 +43,9 @@ of P(h) · (the expected sum so far + the bucket's share for h hits) / (B + h).
   - ``"first-k-relevant"``: the mean of hit/rank over the first min(K, R) relevant items, wherever
     they rank: ``calc_map_k(qB, rB, query_L, retrieval_L, k)`` of the PyTorch DCMH-style utilities
     (e.g. DarrenZZhang/MM23-MITH ``utils/calc_utils.py``). It was cfrh's default under the name
-    "djsrh" until it turned out not to be DJSRH's rule. The two are far apart: mAP@50 of random-projection
-    codes, image→image, is .526 against .445 on UCI Multiple Features (16 bits), .208 against .150 on WIKI (64 bits);
+    "djsrh" until it turned out not to be DJSRH's rule. The two are far apart: mAP@50 of
+    random-projection codes, image→image, is .526 against .445 on UCI Multiple Features (16 bits),
+    .208 against .150 on WIKI (64 bits);
   - ``"min-k-relevant"``: Σ over the relevant items ranked ≤ K of hit/rank, divided by min(K, R): the
     IR textbook AP@K (e.g. Hamner's ``ml_metrics.apk``).
 
