@@ -17,10 +17,10 @@ ranking is by (distance, database row). This is what a stable sort gives; the fi
 ``np.argsort`` (``calculate_top_map``, ``calc_map``) and ``torch.sort`` (``calc_map_k``) are not
 stable, so their ties fall in an implementation-defined order and their numbers can move with it.
 ``ties="expected"`` gives the tie-aware value instead: the expectation over all orders of
-equal-distance items (McSherry & Najork, ECIR 2008), in closed form from the per-distance counts. For a bucket of ``n`` items,
-``r`` relevant, after ``A`` items of which ``B`` relevant, position ``p`` of the bucket holds a
-relevant item with probability r/n, and then the expected number of hits up to it is
-``B + 1 + (p-1)(r-1)/(n-1)`` (hypergeometric), so the bucket adds
+equal-distance items (McSherry & Najork, ECIR 2008), in closed form from the per-distance counts.
+For a bucket of ``n`` items, ``r`` relevant, after ``A`` items of which ``B`` relevant, position ``p``
+of the bucket holds a relevant item with probability r/n, and then the expected number of hits up to
+it is ``B + 1 + (p-1)(r-1)/(n-1)`` (hypergeometric), so the bucket adds
 ``(r/n) Σ_p (B + 1 + (p-1)(r-1)/(n-1)) / (A + p)`` to AP's numerator (a harmonic-number difference).
 The "hits-in-top-k" AP@K divides by a count that the tie order changes only in the bucket holding
 rank K: given h relevant items among that bucket's ``take`` positions inside the top K (h is
