@@ -43,8 +43,8 @@ What the code does that a reader of the method could miss (this module follows t
   paper was not available offline when this module was written: how it obtains them is left to check there.
 * The weighting multiplies the value itself: a value below ``left`` (negative) becomes more negative, one
   above ``right`` larger; the diagonal is weighted like any entry (the ``S_mask`` lines are commented out).
-  ``JDSH.py`` applies the two masks in place one after the other; since a weighted value below ``left``
-  stays below it and ``left`` < ``right``, applying both to the unweighted S_ (as here) is the same.
+  ``JDSH.py`` applies the two masks in place one after the other; with ``left`` < 0 (−.528 here) a weighted
+  value below ``left`` only moves further down, so applying both to the unweighted S_ (as here) is the same.
 * F_I in the target comes from the same AlexNet that is being trained, without ``detach``, so the loss also
   back-propagates through S into the features; with fixed precomputed features there is nothing to update
   there, and :func:`target` returns a tensor that carries gradients only if its inputs do.
