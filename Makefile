@@ -34,8 +34,9 @@ search: setup
 	$(CFRH) search $(PIPELINE) $(ARGS)
 
 # CLIP_MODEL: a hub id or local checkpoint directory; without one the demo says plainly that it is untrained.
+# DATA: a new or empty folder for the scenes, or a collection to run on, only read (DATA=../shared/data/coco-mini).
 demo: setup
-	$(CFRH) demo $(if $(CLIP_MODEL),--model "$(CLIP_MODEL)") $(ARGS)
+	$(CFRH) demo $(if $(CLIP_MODEL),--model "$(CLIP_MODEL)") $(if $(DATA),--data "$(DATA)") $(ARGS)
 
 benchmarks: setup
 	for b in benchmarks/*.py; do $(VENV)/bin/python $$b || exit 1; done

@@ -1,16 +1,30 @@
-"""The demo's choices that are not the stages' own: which CLIP to use, and where the scenes go.
+"""The demo's choices that are not the stages' own: which CLIP to use, and what data it runs on.
 
 The demo must run end to end on any machine, offline included. It asks for real CLIP weights
 (``CLIP_MODEL``: a hub id or a local checkpoint directory); when they cannot be had it falls back
 to the ViT-B/32 *architecture* with seeded random weights, and says so plainly (first and last
 lines, and every report, which carry the cache manifest's warning).
+
+Data (``--data DIR``, :func:`prepare_data`): a new or empty folder, or one the demo made (its marker
+``.cfrh-demo``), gets the generated scenes; a folder holding a collection the product reads — images
+with a captions CSV/JSONL (the folder reader), or the COCO layout — is run through the same stages
+as it is, only read (its pipeline and cache go under the cache root); any other folder is refused in
+one line, and never written into.
 """
 from __future__ import annotations
 
-import socket
+import hashlib
+import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import Any
+
+from .config import Pipeline
+from .datasets.base import DatasetError, read_dataset
+from .datasets.folder import find_annotations
+from .datasets.shapes import NotDemoFolder, generate_shapes, is_demo_folder
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 # The project's config-only ViT-B/32 (real config, no weights) as seen from a checkout's root; elsewhere absent.
@@ -25,21 +39,11 @@ class DemoModel:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check of the Hugging Face endpoint, so an offline machine does not wait on retries."""
-    try:
-        from huggingface_hub import constants
+    """:func:`cfrh.features.image.hub_reachable` (the one check), imported when asked so that importing the
+    demo does not import torch."""
+    from .features.image import hub_reachable as check
 
-        endpoint = constants.ENDPOINT
-    except Exception:  # pragma: no cover - huggingface_hub always ships with transformers
-        endpoint = "https://huggingface.co"
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return check(timeout)
 
 
 def vit_b32_config_dir(cache_root: Path) -> Path:
@@ -66,7 +70,7 @@ def choose_model(requested: str | None, cache_root: Path) -> DemoModel:
     try:
         # Cached hub files or a local directory load without the network; only then try the hub itself.
         resolve_clip(model, local_files_only=True)
-        return DemoModel(model, False, f"pretrained weights from {model}")
+        return DemoModel(os.path.abspath(model) if is_dir else model, False, f"pretrained weights from {model}")
     except ModelLoadError as e:
         local_error = str(e)
     if not is_dir and hub_reachable():
@@ -76,8 +80,15 @@ def choose_model(requested: str | None, cache_root: Path) -> DemoModel:
         except ModelLoadError as e:
             local_error = str(e)
     why = local_error if is_dir else f"{model} is not in the local Hugging Face cache and the hub cannot be reached"
-    return DemoModel(str(vit_b32_config_dir(cache_root)), True,
+    return DemoModel(os.path.abspath(vit_b32_config_dir(cache_root)), True,
                      f"UNTRAINED ViT-B/32 (random weights): {why}")
+
+
+def model_settings(choice: DemoModel) -> dict[str, Any]:
+    """The ``[features]`` settings that select the demo's model (directories as absolute paths, so they
+    mean the same from any pipeline file)."""
+    return {"image_model": choice.location, "random_init": choice.random_init,
+            "local_files_only": True if choice.random_init else "auto"}
 
 
 def example_image(data_root: Path) -> Path:
@@ -86,3 +97,96 @@ def example_image(data_root: Path) -> Path:
     if not images:
         raise FileNotFoundError(f"{data_root}/images: no generated scenes")
     return images[0]
+
+
+@dataclass
+class DemoData:
+    """What the demo's stages run on: the pipeline (a name or a file), its overrides, the example image
+    query, and whether the collection has labels to score."""
+
+    root: Path
+    pipeline: str
+    overrides: tuple[str, ...]
+    example: Path
+    scored: bool
+    generated: bool  # True: the demo's own scenes; False: a user's collection, only read
+
+
+def collection_reader(folder: Path) -> str | None:
+    """The reader for a collection in ``folder``: "coco" for the COCO layout (annotations/captions_*.json),
+    "folder" for images with one captions CSV/JSONL, else None."""
+    if any((folder / "annotations").glob("captions_*.json")):
+        return "coco"
+    try:
+        find_annotations(folder, None)
+    except DatasetError:
+        return None
+    return "folder"
+
+
+def _toml(tables: dict[str, dict[str, Any]], name: str) -> str:
+    """A pipeline file's text from plain values (strings, numbers, booleans, lists of them)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v, ensure_ascii=False) if isinstance(v, str) else repr(v)
+
+    lines = [f"name = {value(name)}"]
+    for table, entries in tables.items():
+        lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in entries.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _cut_offs(values: list[int], n_database: int) -> list[int]:
+    """Evaluation cut-offs no larger than the database (the demo's are sized for 500 items)."""
+    return sorted({min(int(k), n_database) for k in values})
+
+
+def collection_pipeline(folder: Path, reader: str, base: Pipeline, cache_root: Path, model: DemoModel) -> DemoData:
+    """A pipeline for the collection in ``folder`` (read with ``reader``), written under ``cache_root`` — never
+    into ``folder``: the demo pipeline's features (with ``model``), training and evaluation, with queries,
+    batch size and cut-offs scaled to the collection's size. Its name (``demo-<folder>-<digest of the
+    path>``) keeps its cache apart from the scenes' and from another folder's."""
+    collection = read_dataset(reader, folder)
+    n = len(collection)
+    if n < 3:
+        raise DatasetError(f"{folder}: the {reader} reader found {n} usable items (dropped: "
+                           f"{collection.dropped.counts}); the demo needs at least 3")
+    n_query = max(1, min(100, n // 5))
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.name).strip("-.") or "data"
+    name = f"demo-{slug}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
+    evaluate, train = dict(base.evaluate), dict(base.train)
+    for key in ("map_k", "precision_k", "topn"):
+        if key in evaluate:
+            evaluate[key] = _cut_offs(evaluate[key], n - n_query)
+    if "batch_size" in train:  # a batch never larger than the training rows (all but the queries)
+        train["batch_size"] = min(int(train["batch_size"]), n - n_query)
+    tables = {"dataset": {"reader": reader, "root": str(folder)},
+              "features": {**base.features, **model_settings(model)},
+              "split": {"method": "random", "query": n_query, "train": "all", "database": "rest", "seed": 0},
+              "train": train, "evaluate": evaluate}
+    path = Path(cache_root) / "demo-pipelines" / f"{name}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_toml(tables, name))
+    return DemoData(folder, str(path), (), collection.image_paths[0], collection.labels is not None, False)
+
+
+def prepare_data(folder: Path, base: Pipeline, cache_root: Path, model: DemoModel) -> DemoData:
+    """What the demo runs on in ``folder`` (the module docstring's rule): the scenes, rendered there when the
+    folder is new, empty or the demo's own; the user's collection there, only read; else one line saying
+    what the demo expects."""
+    folder = Path(folder).resolve()
+    if not folder.exists() or is_demo_folder(folder) or (folder.is_dir() and not any(folder.iterdir())):
+        generate_shapes(folder)
+        return DemoData(folder, base.name, (f"dataset.root={json.dumps(str(folder))}",), example_image(folder),
+                        True, True)
+    reader = collection_reader(folder) if folder.is_dir() else None
+    if reader is None:
+        raise NotDemoFolder(
+            f"{folder}: holds files the demo did not make and no collection it can read; give --data a new or "
+            f"empty folder (the demo renders its scenes there), or a folder with images and one captions CSV/JSONL "
+            f"(fields image, text or tags, optional labels) or the COCO layout (annotations/captions_*.json) — the "
+            f"demo only reads such a folder")
+    return collection_pipeline(folder, reader, base, cache_root, model)

@@ -1,15 +1,18 @@
-"""Helpers every reader shares: cheap, guarded image look-up and the dataset-contents fingerprint."""
+"""Helpers every reader shares: cheap, guarded image look-up, strict text decoding and the
+dataset-contents fingerprint."""
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
+import re
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from ..cache import fingerprint_files
-from .base import Collection, DropReport, inside_root
+from .base import Collection, DatasetError, DropReport, inside_root
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -106,13 +109,82 @@ def one_hot(classes: np.ndarray, n_classes: int) -> np.ndarray:
     return out
 
 
-def read_text(path: Path) -> str:
-    """A text file as str: UTF-8, falling back to Latin-1 (older benchmark files are not all UTF-8)."""
-    data = Path(path).read_bytes()
+def _codec(encoding: str, path: Path) -> str:
+    """The codec for ``dataset.encoding``; UTF-8 reads (and drops) a leading byte-order mark."""
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
+        name = codecs.lookup(str(encoding)).name
+    except LookupError:
+        raise DatasetError(f"{path}: dataset.encoding = {encoding!r} is not a text encoding Python knows; use "
+                           f"e.g. utf-8, cp1252 or latin-1") from None
+    return "utf-8-sig" if name == "utf-8" else name
+
+
+def _line_of(data: bytes, offset: int, codec: str) -> int:
+    """The 1-based line holding byte ``offset`` of ``data``."""
+    return data[:offset].decode(codec, errors="replace").count("\n") + 1
+
+
+def _decode_error(path: Path, err: UnicodeDecodeError, data: bytes, codec: str, fix: str) -> DatasetError:
+    line = _line_of(data, err.start, codec)
+    return DatasetError(f"{path}:{line}: not valid {codec.replace('-sig', '')} text (byte 0x{data[err.start]:02x}); "
+                        f"{fix}")
+
+
+READ_TEXT_FIX = "re-save the file as UTF-8"
+FOLDER_ENCODING_FIX = "set dataset.encoding to the file's encoding (e.g. \"cp1252\") or re-save it as UTF-8"
+
+
+def read_text(path: Path, encoding: str = "utf-8", fix: str = READ_TEXT_FIX) -> str:
+    """A text file as str, decoded strictly (UTF-8 by default, a byte-order mark dropped). A byte that does not
+    decode stops the read with one line naming the file, its line and ``fix``: a guessed re-decoding of the
+    whole file (Latin-1) would silently turn every correct "café" into "cafÃ©"."""
+    path = Path(path)
+    data = path.read_bytes()
+    codec = _codec(encoding, path)
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as err:
+        raise _decode_error(path, err, data, codec, fix) from None
+
+
+ITEM_NOT_UTF8 = "text file not valid UTF-8"
+
+
+def read_item_text(path: Path) -> str | None:
+    """The text of one item's own file (a WIKI article, a MIRFLICKR tag file), or None when it is not valid
+    UTF-8: the reader drops that item under :data:`ITEM_NOT_UTF8`, counted, instead of stopping the whole
+    dataset for one file."""
+    try:
+        return read_text(path)
+    except DatasetError:
+        return None
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that did not decode, as surrogateescape keeps them
+
+
+def read_text_lenient(path: Path, encoding: str = "utf-8") -> str:
+    """A text file as str in which each byte that does not decode is kept as a lone surrogate
+    (``surrogateescape``), so a reader can drop just the lines holding one (:func:`undecodable`) and keep
+    the rest exactly. An encoding that cannot mark bytes so (UTF-16 with a broken pair) stops the read with
+    one line naming the first bad byte's line."""
+    path = Path(path)
+    data = path.read_bytes()
+    codec = _codec(encoding, path)
+    try:
+        return data.decode(codec, errors="surrogateescape")
+    except UnicodeDecodeError as err:
+        raise _decode_error(path, err, data, codec, FOLDER_ENCODING_FIX) from None
+
+
+def undecodable(*texts: Any) -> bool:
+    """True when any of ``texts`` holds a byte that did not decode (see :func:`read_text_lenient`)."""
+    return any(isinstance(t, str) and _UNDECODED.search(t) is not None for t in texts)
+
+
+def undecodable_reason(encoding: str) -> str:
+    """The drop reason of a line with bytes that do not decode (one wording, so the report counts them)."""
+    return f"text not valid {encoding} (set dataset.encoding)"
 
 
 def apply_drops(ids: Sequence[str], dropped: DropReport,

@@ -10,7 +10,12 @@ field when present, else the image path as written.
 
 Options: ``annotations`` (file name; default the one of captions/annotations/metadata.{jsonl,csv}
 present, or the only .jsonl/.csv in the root), ``image_field``, ``text_field`` (default: the
-first of text, caption, tags present), ``labels_field``, ``id_field``, ``label_sep``, ``image_dir``.
+first of text, caption, tags present), ``labels_field``, ``id_field``, ``label_sep``, ``image_dir``,
+``encoding`` (default UTF-8, a byte-order mark allowed; any codec Python knows, e.g. ``cp1252``).
+
+Text is decoded strictly: a line (a CSV record, a JSONL line) holding a byte that is not valid in the
+encoding is dropped and counted (``<file>:<line>``, "text not valid utf-8 (set dataset.encoding)"),
+every other line is kept exactly; nothing is re-decoded by guess.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ._common import apply_drops, locate_files, read_text, with_fingerprint
+from ._common import (FOLDER_ENCODING_FIX, apply_drops, locate_files, read_text_lenient, undecodable,
+                      undecodable_reason, with_fingerprint)
 from .base import Collection, DatasetError, DropReport, register
 
 log = logging.getLogger(__name__)
@@ -32,7 +38,9 @@ DEFAULT_FILES = tuple(f"{stem}.{ext}" for stem in ("captions", "annotations", "m
 TEXT_FIELDS = ("text", "caption", "tags")
 
 
-def _find_annotations(root: Path, name: str | None) -> Path:
+def find_annotations(root: Path, name: str | None) -> Path:
+    """The annotation file: ``name`` under ``root``, else the first default name present, else the only
+    CSV/JSONL in ``root``; none or several raise :class:`DatasetError` with the fix."""
     if name:
         path = root / name
         if not path.is_file():
@@ -49,19 +57,28 @@ def _find_annotations(root: Path, name: str | None) -> Path:
                        f"name one with --set dataset.annotations=FILE")
 
 
-def _rows(path: Path, dropped: DropReport) -> Iterator[tuple[int, dict[str, Any]]]:
+def _rows(path: Path, dropped: DropReport, encoding: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) of a CSV (with header) or JSONL file; a line that is not a JSON object is
-    dropped as "unreadable line"."""
-    text = read_text(path)
+    dropped as "unreadable line", one with bytes that do not decode as "text not valid <encoding>"."""
+    text = read_text_lenient(path, encoding)
+    bad_text = undecodable_reason(encoding)
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames:
             raise DatasetError(f"{path}: empty CSV; the first line must be a header such as image,text,labels")
+        if undecodable(*reader.fieldnames):
+            raise DatasetError(f"{path}:1: the header is not valid {encoding} text; {FOLDER_ENCODING_FIX}")
         for row in reader:
+            if undecodable(*row.values(), *(row.get(None) or ())):  # None: the fields past the header's
+                dropped.add(f"{path.name}:{reader.line_num}", bad_text)
+                continue
             yield reader.line_num, {k.strip(): v for k, v in row.items() if k}
         return
     for no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
+            continue
+        if undecodable(line):
+            dropped.add(f"{path.name}:{no}", bad_text)
             continue
         try:
             row = json.loads(line)
@@ -92,14 +109,14 @@ def _text(value: Any) -> str:
 @register("folder")
 def read_folder(root: Path, annotations: str | None = None, image_field: str = "image",
                 text_field: str | None = None, labels_field: str = "labels", id_field: str = "id",
-                label_sep: str | None = None, image_dir: str = "") -> Collection:
+                label_sep: str | None = None, image_dir: str = "", encoding: str = "utf-8") -> Collection:
     """Read a folder of images described by a CSV or JSONL file (see the module docstring)."""
     root = Path(root)
-    path = _find_annotations(root, annotations)
+    path = find_annotations(root, annotations)
     dropped = DropReport()
     items: dict[str, dict[str, Any]] = {}
     field = text_field
-    for no, row in _rows(path, dropped):
+    for no, row in _rows(path, dropped, encoding):
         if field is None or not items:
             if image_field not in row:
                 raise DatasetError(f"{path}: no {image_field!r} field (found {sorted(row)}); each row needs the "
@@ -122,6 +139,9 @@ def read_folder(root: Path, annotations: str | None = None, image_field: str = "
             item["texts"].append(text)
         item["labels"] += _names(row.get(labels_field), label_sep)
     if field is None:
+        if dropped:
+            raise DatasetError(f"{path}: no usable rows (dropped: {dropped.counts}); fix those lines, or set "
+                               f"dataset.encoding if the file is not UTF-8")
         raise DatasetError(f"{path}: no rows; add one line per image (image, text or tags, labels)")
 
     kind = "tags" if field == "tags" else "captions"

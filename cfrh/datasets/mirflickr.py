@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ._common import apply_drops, ids_digest, locate_files, read_text, with_fingerprint
+from ._common import ITEM_NOT_UTF8, apply_drops, ids_digest, locate_files, read_item_text, read_text, \
+    with_fingerprint
 from .base import Collection, DatasetError, DropReport, register
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,12 @@ def read_mirflickr25k(root: Path, min_tag_images: int = 20, tags: str = "auto",
 
     # Tags: a sparse image × tag matrix counting each tag once per image.
     tag_lists: list[list[str]] = []
-    for num in numbers.tolist():
+    not_utf8 = np.zeros(n, dtype=bool)
+    for i, num in enumerate(numbers.tolist()):
         name = tag_files.get(num)
-        if name is None:
-            tag_lists.append([])
-            continue
-        seen = dict.fromkeys(t for t in (_normalise_tag(x, raw) for x in read_text(tag_dir / name).splitlines())
-                             if t)
+        text = read_item_text(tag_dir / name) if name is not None else ""
+        not_utf8[i] = text is None
+        seen = dict.fromkeys(t for t in (_normalise_tag(x, raw) for x in (text or "").splitlines()) if t)
         tag_lists.append(list(seen))
     lengths = np.fromiter((len(t) for t in tag_lists), dtype=np.int64, count=n)
     flat = np.array([t for ts in tag_lists for t in ts], dtype=str)
@@ -117,6 +117,7 @@ def read_mirflickr25k(root: Path, min_tag_images: int = 20, tags: str = "auto",
     ids = [str(x) for x in numbers.tolist()]
     rows_kept = apply_drops(ids, dropped, [
         (~np.isin(numbers, list(tag_files)), "no tags file"),
+        (not_utf8, ITEM_NOT_UTF8),
         (lengths == 0, "no tags"),
         (n_kept_tags == 0, f"no tag used by >= {min_tag_images} images"),
         (labels.sum(axis=1) == 0 if require_label else np.zeros(n, bool), "no label")])

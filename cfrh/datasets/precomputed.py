@@ -10,9 +10,12 @@ Two forms, in one file or spread over several (``mirflickr25k-iall.mat``, ``-yal
   ids are ``"<split>/<row in split>"``.
 
 Key names can be given (``image_key``, ``text_key``, ``label_key``; a ``{split}`` in the name makes
-it a per-split template). Labels given as class indices (a vector) become one-hot. MATLAB v7.3
-(HDF5) files are read with h5py. Arrays of raw pixels (DJSRH's ``IAll`` is N × 3 × 224 × 224) are not
-features: they are refused with a pointer to the image readers.
+it a per-split template). Text features are required: files without them stop with one line naming
+the files, the variable names looked for and what the files hold (a collection without image
+features is read, with a warning worded the same way, e.g. to compare tag matrices). Labels given
+as class indices (a vector) become one-hot. MATLAB v7.3 (HDF5) files are read with h5py. Arrays of
+raw pixels (DJSRH's ``IAll`` is N × 3 × 224 × 224) are not features: they are refused with a pointer
+to the image readers.
 """
 from __future__ import annotations
 
@@ -133,6 +136,22 @@ def _match_keys(shapes: dict[str, tuple], overrides: dict[str, str | None]) -> t
     return "split", found
 
 
+def _missing(kind: str, form: str, override: str | None, suffixes: list[str], root: Path, paths: list[Path],
+             shapes: dict[str, tuple]) -> str:
+    """The one-line account of a modality none of the files holds: which files, which names were looked for,
+    what the files hold, and how to point at the array."""
+    if override:
+        names = [override.format(split=s) for s in suffixes] if "{split}" in override and suffixes else [override]
+    elif form == "all" or not suffixes:
+        names = list(ALL_KEYS[kind])
+    else:
+        names = [t.format(split=s) for s in suffixes for t in SPLIT_TEMPLATES[kind]]
+    where = str(paths[0]) if len(paths) == 1 else f"{root} ({', '.join(p.name for p in paths)})"
+    return (f"{where}: no {kind} features: none of the variables {', '.join(names)} is there (it holds "
+            f"{', '.join(sorted(shapes)) or 'no variables'}); name the {kind} array with dataset.{kind}_key, or "
+            f"list the .mat file that holds it in dataset.files")
+
+
 @register("mat")
 def read_mat(root: Path, files: list[str] | str | None = None, image_key: str | None = None,
              text_key: str | None = None, label_key: str | None = None,
@@ -157,6 +176,7 @@ def read_mat(root: Path, files: list[str] | str | None = None, image_key: str | 
             where[k], shapes[k] = p, shape
 
     form, keys = _match_keys(shapes, {"image": image_key, "text": text_key, "labels": label_key})
+    suffixes: list[str] = []
     if form == "all":
         parts = {"all": {kind: k for kind, k in keys.items() if k}}
     else:
@@ -169,6 +189,13 @@ def read_mat(root: Path, files: list[str] | str | None = None, image_key: str | 
     if not parts or not any(("image" in v or "text" in v) for v in parts.values()):
         raise DatasetError(f"{root}: no feature arrays found among {sorted(shapes)}; expected XAll/IAll, YAll, LAll "
                            f"or I_tr/T_tr/L_tr/I_te/…; name them with dataset.image_key / text_key / label_key")
+    overrides = {"image": image_key, "text": text_key}
+    absent = {kind: _missing(kind, form, overrides[kind], suffixes or sorted(keys["labels"]), root, paths, shapes)
+              for kind in ("image", "text") if not any(kind in v for v in parts.values())}
+    if "text" in absent:
+        raise DatasetError(absent["text"])
+    if "image" in absent:
+        log.warning("%s; the collection has text features only", absent["image"])
 
     arrays: dict[str, list[np.ndarray]] = {"image": [], "text": [], "labels": []}
     ids: list[str] = []
@@ -191,10 +218,6 @@ def read_mat(root: Path, files: list[str] | str | None = None, image_key: str | 
         ids += [str(i) for i in range(n)] if form == "all" else [f"{split}/{i}" for i in range(n)]
 
     stacked = {kind: np.concatenate(a) if a else None for kind, a in arrays.items()}
-    for kind in ("image", "text"):
-        if stacked[kind] is None:
-            log.warning("%s: no %s features among %s; the collection has one modality only", root, kind,
-                        sorted(shapes))
     labels = stacked["labels"]
     if labels is not None and labels.shape[1] == 1 and labels.size and labels.max() > 1:
         # A vector of class indices (over all splits at once, so every split gets the same columns).

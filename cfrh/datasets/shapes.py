@@ -8,6 +8,12 @@
                                       tags "red circle blue square", text "a red circle next to a blue
                                       square on a grey background", labels ["blue square", "red circle"]
     out_dir/shapes.json               the generation settings (a rerun with the same ones is a no-op)
+    out_dir/.cfrh-demo                the marker: this folder was made by the demo and may be re-rendered
+
+The demo never writes into a user's files: it renders only into a folder that is new, empty, or
+carries its marker (written first, so an interrupted render is still recognised); any other folder
+is refused with :class:`NotDemoFolder`. (A folder rendered before the marker existed is recognised
+by its ``shapes.json`` and gets the marker on its next render.)
 
 Scene i depends only on (seed, i), so the first k scenes are the same for every n ≥ k. Shapes are
 listed left to right. Labels are the coloured shapes present ("red circle", 20 possible), so two
@@ -26,12 +32,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .base import DatasetError
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (215, 38, 45), "green": (46, 160, 67), "blue": (40, 90, 220), "yellow": (240, 200, 30),
            "purple": (135, 60, 175)}
 BACKGROUNDS = {"white": (243, 243, 240), "grey": (128, 128, 128), "black": (24, 24, 28)}
 FORMAT = 2  # 2: labels are coloured shapes
 ANNOTATIONS = "captions.jsonl"
+MARKER = ".cfrh-demo"
+_SETTINGS_KEYS = {"format", "n", "seed", "size"}
 _IMAGE_NAME = re.compile(r"^\d{5,}\.jpg$")
 _SUPERSAMPLE = 3
 
@@ -93,24 +103,62 @@ def describe(objects: list[tuple[str, str]], background: str) -> tuple[str, str,
     return tags, f"{body} on a {background} background", labels
 
 
+class NotDemoFolder(DatasetError):
+    """A folder that holds files the demo did not make: it is never written into."""
+
+
+def _settings(out: Path) -> dict | None:
+    try:
+        settings = json.loads((out / "shapes.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def is_demo_folder(folder: str | os.PathLike) -> bool:
+    """True when the demo made ``folder``: it carries the marker, or (rendered before the marker existed)
+    a ``shapes.json`` holding exactly the generation settings."""
+    folder = Path(folder)
+    if (folder / MARKER).is_file():
+        return True
+    settings = _settings(folder)
+    return settings is not None and set(settings) == _SETTINGS_KEYS
+
+
+def claim_folder(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` the demo's (created, or found empty, and then marked), or find it already the demo's;
+    a folder holding anything else raises :class:`NotDemoFolder`. The marker goes in before any scene."""
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise NotDemoFolder(f"{out}: a file, not a folder; give --data a new or empty folder for the demo scenes")
+    if out.is_dir() and not is_demo_folder(out) and any(out.iterdir()):
+        raise NotDemoFolder(f"{out}: holds files the demo did not make (no {MARKER} marker), and the demo never "
+                            f"writes into them; give --data a new or empty folder for the demo scenes")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        (out / MARKER).write_text("made by `cfrh demo`: it may re-render this folder\n")
+    return out
+
+
 def generate_shapes(out_dir: str | os.PathLike, n: int = 600, seed: int = 0, size: int = 96) -> Path:
     """Render the demo collection into ``out_dir`` (see the module docstring) and return ``out_dir``.
 
     Deterministic for (n, seed, size); when ``out_dir`` already holds exactly that generation it is
     left as it is, so rerunning the demo keeps the dataset fingerprint and the feature cache valid.
+    A folder the demo did not make raises :class:`NotDemoFolder` before anything is written.
     """
     if n < 1 or size < 16:
         raise ValueError(f"generate_shapes needs n >= 1 and size >= 16 (got n={n}, size={size})")
-    out = Path(out_dir)
+    out = claim_folder(out_dir)
     images = out / "images"
     settings = {"format": FORMAT, "n": int(n), "seed": int(seed), "size": int(size)}
-    marker = out / "shapes.json"
+    settings_file = out / "shapes.json"
     names = [f"{i:05d}.jpg" for i in range(n)]
-    if (marker.is_file() and json.loads(marker.read_text()) == settings and (out / ANNOTATIONS).is_file()
+    if (_settings(out) == settings and (out / ANNOTATIONS).is_file()
             and images.is_dir() and set(names) <= {p.name for p in images.iterdir()}):
         return out
     images.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
+    settings_file.unlink(missing_ok=True)
     rows = []
     for i, name in enumerate(names):
         image, objects, background = _scene(seed, i, size)
@@ -125,5 +173,5 @@ def generate_shapes(out_dir: str | os.PathLike, n: int = 600, seed: int = 0, siz
     tmp = out / (ANNOTATIONS + ".partial")
     tmp.write_text("\n".join(rows) + "\n")
     os.replace(tmp, out / ANNOTATIONS)
-    marker.write_text(json.dumps(settings))
+    settings_file.write_text(json.dumps(settings))
     return out

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import apply_drops, locate_files, one_hot, read_text, with_fingerprint
+from ._common import ITEM_NOT_UTF8, apply_drops, locate_files, one_hot, read_item_text, read_text, \
+    with_fingerprint
 from .base import Collection, DatasetError, DropReport, register, require
 from .precomputed import load_mat, mat_shapes
 
@@ -70,10 +71,13 @@ def _list_drops(cats: np.ndarray) -> list[tuple[np.ndarray, str]]:
     return [(cats == -2, "malformed list line"), (cats == -1, "no category")]
 
 
-def _article(path: Path) -> str:
-    """The article text of a WIKI XML file. Some files are not well-formed XML (bare '&'), so a
-    regular-expression fallback takes the <text> element, or failing that all text outside tags."""
-    raw = read_text(path)
+def _article(path: Path) -> str | None:
+    """The article text of a WIKI XML file (None when it is not valid UTF-8). Some files are not well-formed
+    XML (bare '&'), so a regular-expression fallback takes the <text> element, or failing that all text
+    outside tags."""
+    raw = read_item_text(path)
+    if raw is None:
+        return None
     try:
         node = ET.fromstring(raw).find(".//text")
         body = "".join(node.itertext()) if node is not None else None
@@ -104,7 +108,9 @@ def read_wiki(root: Path) -> Collection:
     image_paths = [p for p in image_paths if p is not None]
     text_paths = [p for p, ok in zip((p for p in text_paths if p is not None), found) if ok]
     texts = [_article(p) for p in text_paths]
-    keep = apply_drops([text_ids[i] for i in rows], dropped, [(np.array([not t for t in texts], bool), "empty text")])
+    rules = [(np.array([t is None for t in texts], bool), ITEM_NOT_UTF8),
+             (np.array([not t for t in texts], bool), "empty text")]
+    keep = apply_drops([text_ids[i] for i in rows], dropped, rules)
     return _collection("wiki", root, rows[keep], text_ids, cats, names, splits, dropped, files,
                        texts=[texts[i] for i in keep],
                        image_paths=[image_paths[i] for i in keep])

@@ -13,26 +13,53 @@ two so that extraction can start decoding images while the weights load:
 ``random_init`` builds the real architecture from a config-only directory with seeded random
 weights; the result is flagged ``weights: random-init`` everywhere it is recorded, since its
 embeddings carry no meaning (benchmarks and demos only).
+
+A hub id that is not in the local Hugging Face cache is fetched only after one short TCP check of
+the hub (:func:`hub_reachable`), so an offline machine fails in seconds with one line instead of
+waiting through the hub client's retries.
+
+Image files become the 8-bit RGB images the processor sees by one rule (:func:`decode_image`,
+:func:`to_rgb`), recorded in the cache request as ``decoding``:
+
+* an image over ``features.max_image_pixels`` (width × height, read from the header before any
+  pixel is decoded) is a counted drop; Pillow's own decompression-bomb check gives way to it (and is
+  left at the same limit), so Pillow neither warns nor raises first;
+* a large image is decoded at reduced size, never much above twice the model's input edge: JPEG by
+  DCT scaling (``draft``), 8-bit PNG in row strips that are box-reduced as they are decoded, any
+  other format decoded once and box-reduced (``Image.reduce``) — so the memory one image takes is
+  bounded by a strip (JPEG, PNG) or by the pixel limit (other formats);
+* 16-bit and other high-bit-depth images are scaled to 8 bits, not clipped: ``I;16*`` by
+  65535 → 255; ``I`` (32-bit integers) the same when its values fit 16 bits, else by its maximum;
+  ``F`` (floats) by 255 when its values lie in [0, 1], else as 0–255 values (NaN → 0);
+* transparent images (RGBA, LA, P or RGB/L with a transparency key) are composited on
+  ``features.background`` (default white) instead of showing the colour hidden under transparent
+  pixels.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import queue
 import re
+import socket
+import struct
 import sys
 import threading
+import urllib.request
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageColor
 
 from ..errors import CfrhError
 
@@ -49,8 +76,27 @@ _PREPROCESSING_KEYS = ("image_processor_type", "do_resize", "size", "resample", 
                        "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
 
 
+HUB_TIMEOUT_S = 3.0  # one TCP connect to the hub: a reachable hub answers in well under a second
+# The decoding rule's version: bump it when decode_image/to_rgb change the pixels of some image, so caches
+# built with the old rule are told apart (it is part of the cache request).
+DECODING_RULE = "cfrh-decode-2: reduced to >= 2x input edge; high bit depth scaled; alpha on background"
+_STRIP_BYTES = 1 << 22  # PNG strips: about 4 MB of decoded rows at a time
+
+
 class ModelLoadError(CfrhError, OSError):
     """An image model cannot be found or loaded; the message says where to point instead."""
+
+
+class ImageSettingsError(CfrhError, ValueError):
+    """A ``[features]`` image-decoding setting has a value cfrh cannot use; the message names the key."""
+
+
+class ImageRejected(Exception):
+    """An image file that is not used, for a reason that goes into the drop report as it is."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _offline_env() -> bool:
@@ -85,13 +131,47 @@ def _first_line(err: BaseException) -> str:
     return text[0].rstrip(".") if text else type(err).__name__
 
 
-def _hub_error(model: str, err: BaseException, offline: bool) -> ModelLoadError:
-    why = ("offline mode is on (HF_HUB_OFFLINE / local_files_only) and it is not in the local Hugging Face cache"
-           if offline else f"the Hugging Face hub could not be reached or has no such model ({_first_line(err)})")
+def _hub_error(model: str, why: str) -> ModelLoadError:
+    """The one wording of "this hub model cannot be had here", with the fixes."""
     return ModelLoadError(
         f"cannot load image model {model!r}: {why}; download it where the hub is reachable "
         f"(`hf download {model} --local-dir DIR`) and point at that directory with --model DIR "
         f"(or features.image_model = \"DIR\" in the pipeline)")
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face endpoint the hub client talks to (``HF_ENDPOINT`` read now, not at import)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """One TCP connect to the hub endpoint (or to the proxy that reaches it), so an offline machine is
+    told in seconds instead of waiting through the hub client's retries. False in offline mode."""
+    if _offline_env():
+        return False
+    url = urlparse(hub_endpoint())
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parsed.hostname, parsed.port or 8080
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _require_hub(model: str) -> None:
+    """Fail at once, in one line, when a hub model must be fetched and the hub does not answer."""
+    if not hub_reachable():
+        raise _hub_error(model, f"it is not in the local Hugging Face cache and the hub ({hub_endpoint()}) did "
+                                f"not answer within {HUB_TIMEOUT_S:g} s (to use cached files only, set "
+                                f"HF_HUB_OFFLINE=1)")
 
 
 def _from_pretrained(loader: Any, model: str, local_files_only: bool | None, **kwargs: Any) -> Any:
@@ -108,14 +188,17 @@ def _from_pretrained(loader: Any, model: str, local_files_only: bool | None, **k
     try:
         with _quiet_transformers():
             return loader.from_pretrained(model, local_files_only=True, **kwargs)
-    except OSError as err:
+    except OSError:
         if offline:
-            raise _hub_error(model, err, offline=True) from None
+            raise _hub_error(model, "offline mode is on (HF_HUB_OFFLINE / local_files_only) and it is not in "
+                                    "the local Hugging Face cache") from None
+    _require_hub(model)
     try:
         with _quiet_transformers():
             return loader.from_pretrained(model, **kwargs)
     except OSError as err:
-        raise _hub_error(model, err, offline=False) from None
+        raise _hub_error(model, f"the Hugging Face hub has no such model or refused it ({_first_line(err)})") \
+            from None
 
 
 def _hub_commit(model: str) -> str | None:
@@ -151,6 +234,237 @@ def preprocessing_summary(processor: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k in _PREPROCESSING_KEYS}
 
 
+# -- image files → 8-bit RGB ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageDecoding:
+    """How image files become the RGB images the processor sees (the module docstring has the rule).
+
+    ``edge``: the processor's output edge in pixels; images are reduced to no less than twice it, so
+    the processor's own resize still does the final, antialiased step. ``max_pixels``: width × height
+    above which a file is dropped (0: no limit). ``background``: RGB under transparent pixels."""
+
+    edge: int = 224
+    max_pixels: int = 0
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    @classmethod
+    def for_edge(cls, edge: int, max_image_pixels: Any = None, background: Any = None) -> "ImageDecoding":
+        """The rule for a processor of output ``edge`` with ``features.max_image_pixels`` and
+        ``features.background`` validated (None: ``cfrh.extraction.FEATURE_DEFAULTS``'s, their one owner)."""
+        from ..extraction import FEATURE_DEFAULTS
+
+        max_image_pixels = FEATURE_DEFAULTS["max_image_pixels"] if max_image_pixels is None else max_image_pixels
+        background = FEATURE_DEFAULTS["background"] if background is None else background
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 0:
+            raise ImageSettingsError(f"features.max_image_pixels = {max_image_pixels!r}; it must be a whole "
+                                     f"number of pixels (width × height), or 0 for no limit")
+        try:
+            colour = ImageColor.getrgb(str(background))[:3]
+        except ValueError:
+            raise ImageSettingsError(f"features.background = {background!r}: not a colour; use a name (white, "
+                                     f"black), #rrggbb or rgb(r, g, b)") from None
+        return cls(edge=int(edge), max_pixels=max_image_pixels, background=colour)
+
+    @property
+    def over_limit(self) -> str:
+        """The drop reason of an image over the pixel limit (one reason for all, so the report counts them)."""
+        return f"image over features.max_image_pixels ({self.max_pixels:,} pixels)"
+
+    def describe(self) -> dict[str, Any]:
+        """The cache-request record: what changes the pixels of some image."""
+        return {"rule": DECODING_RULE, "max_image_pixels": self.max_pixels,
+                "background": "#{:02x}{:02x}{:02x}".format(*self.background)}
+
+
+def _reduce_factor(size: tuple[int, int], edge: int) -> int:
+    """The integer box-reduction that keeps the shorter side at least twice ``edge`` (1: none)."""
+    return max(1, min(size) // (2 * edge)) if edge > 0 else 1
+
+
+def _high_bit_to_l(im: Image.Image) -> Image.Image:
+    """``I;16*``, ``I`` or ``F`` → ``L``, scaled (not clipped) by the module docstring's rule; row strips keep
+    the float copy small for a full-size 16-bit image."""
+    w, h = im.size
+    if im.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    else:  # I and F are box-reduced before they come here, so one pass over them is cheap
+        values = np.asarray(im, dtype=np.float64)
+        top = float(np.nanmax(values)) if values.size and not np.isnan(values).all() else 0.0
+        if im.mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0 if top <= 65535 else 255.0 / top
+    out = np.empty((h, w), dtype=np.uint8)
+    step = max(1, _STRIP_BYTES // (8 * max(w, 1)))
+    for y in range(0, h, step):
+        strip = np.asarray(im.crop((0, y, w, min(h, y + step))), dtype=np.float64) * scale
+        out[y:y + step] = np.rint(np.clip(np.nan_to_num(strip, nan=0.0), 0.0, 255.0))
+    return Image.fromarray(out, "L")
+
+
+def _reducible(im: Image.Image) -> Image.Image:
+    """A mode ``Image.reduce`` handles, keeping transparency as alpha: palette and colour-key images become
+    RGBA (or RGB), 1-bit becomes L, 16-bit becomes scaled L."""
+    if "transparency" in im.info and im.mode in ("P", "L", "RGB"):
+        return im.convert("RGBA")
+    if im.mode.startswith("I;16"):
+        return _high_bit_to_l(im)
+    return {"P": lambda: im.convert("RGB"), "PA": lambda: im.convert("RGBA"),
+            "1": lambda: im.convert("L")}.get(im.mode, lambda: im)()
+
+
+def to_rgb(im: Image.Image, decoding: ImageDecoding) -> Image.Image:
+    """A decoded image → a new 8-bit RGB image: box-reduced to about twice the model's input edge, high
+    bit depths scaled to 8 bits, transparency composited on ``decoding.background``."""
+    im = _reducible(im)
+    factor = _reduce_factor(im.size, decoding.edge)
+    if factor > 1:
+        im = im.reduce(factor)  # Pillow reduces LA/RGBA premultiplied: hidden colours do not bleed
+    if im.mode in ("I", "F"):
+        im = _high_bit_to_l(im)
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        under = Image.new("RGBA", im.size, (*decoding.background, 255))
+        im = Image.alpha_composite(under, im.convert("RGBA"))
+    return im.convert("RGB")  # always a copy: the caller may close the file's image
+
+
+def _chunks(f: BinaryIO) -> Iterator[tuple[bytes, int]]:
+    """(type, data length) of each PNG chunk after the signature; the reader stands at the chunk's data."""
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            raise OSError("image file is truncated (no IEND chunk)")
+        length, kind = struct.unpack(">I4s", head)
+        yield kind, length
+
+
+def _png_rows(f: BinaryIO, chunks: Iterator[tuple[bytes, int]], length: int, row: int) -> Iterator[bytes]:
+    """Whole filtered scanlines (``row`` bytes each, filter byte included) of the IDAT stream that starts
+    with the ``length``-byte chunk at the reader's position, inflated a few MB at a time (a small
+    compressed file can inflate to gigabytes). Chunk checksums are verified."""
+    inflate, pending = zlib.decompressobj(), bytearray()
+    kind = b"IDAT"
+    while kind == b"IDAT":
+        crc = zlib.crc32(kind)
+        while length > 0:
+            piece = f.read(min(1 << 20, length))
+            if not piece:
+                raise OSError("image file is truncated (IDAT chunk)")
+            length -= len(piece)
+            crc = zlib.crc32(piece, crc)
+            while piece:
+                pending += inflate.decompress(piece, _STRIP_BYTES)
+                piece = inflate.unconsumed_tail
+                whole = len(pending) // row * row
+                if whole:
+                    yield bytes(pending[:whole])
+                    del pending[:whole]
+        if f.read(4) != struct.pack(">I", crc & 0xFFFFFFFF):
+            raise SyntaxError("broken PNG file (IDAT checksum)")
+        kind, length = next(chunks)
+    pending += inflate.flush()  # the few bytes zlib may still hold when the last call hit its output bound
+    if len(pending) >= row:
+        yield bytes(pending[:len(pending) // row * row])
+
+
+def _mini_png(width: int, header: bytes, rows: bytes, row: int) -> Image.Image:
+    """Filtered scanlines decoded by Pillow's own PNG decoder, as a PNG of their own."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+    ihdr = struct.pack(">II", width, len(rows) // row) + header
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows, 0))
+            + chunk(b"IEND", b""))
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+_PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}  # 8-bit colour types whose decoded bytes are the PNG's
+
+
+def _png_reduced(path: str, factor: int) -> Image.Image | None:
+    """An 8-bit, non-interlaced PNG without a transparency key, box-reduced by ``factor`` while it is
+    decoded in strips of rows, so that only one strip is ever held decoded (None for any other PNG,
+    which is then decoded whole).
+
+    Each strip is decoded by Pillow as a small PNG of its own, led by the previous strip's last row
+    stored unfiltered (filter 0), which the strip's first filters refer to. Strips hold a multiple of
+    ``factor`` rows, so the result equals reducing the whole decoded image."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        chunks = _chunks(f)
+        kind, length = next(chunks)
+        ihdr = f.read(length)
+        f.read(4)
+        if kind != b"IHDR" or len(ihdr) != 13:
+            return None
+        width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr)
+        if depth != 8 or colour not in _PNG_MODES or interlace or not width or not height:
+            return None
+        for kind, length in chunks:
+            if kind == b"IDAT":
+                break
+            if kind in (b"tRNS", b"IEND"):
+                return None
+            f.seek(length + 4, os.SEEK_CUR)
+        row = width * len(_PNG_MODES[colour]) + 1
+        strip = factor * max(1, _STRIP_BYTES // (row * factor)) * row
+        out = Image.new(_PNG_MODES[colour], (-(-width // factor), -(-height // factor)))
+        done, lead, pending = 0, b"", bytearray()
+        for block in _png_rows(f, chunks, length, row):
+            pending += block
+            while len(pending) >= strip or (pending and done * row + len(pending) >= height * row):
+                take = bytes(pending[:min(strip, (height - done) * row)])
+                del pending[:len(take)]
+                decoded = _mini_png(width, ihdr[8:], lead + take, row)
+                if lead:
+                    decoded = decoded.crop((0, 1, width, decoded.height))
+                lead = b"\x00" + decoded.crop((0, decoded.height - 1, width, decoded.height)).tobytes()
+                out.paste(decoded.reduce(factor), (0, done // factor))
+                done += decoded.height
+                if done >= height:
+                    return out
+    raise OSError(f"image file is truncated ({done} of {height} rows)")
+
+
+def _open(path: str | os.PathLike, decoding: ImageDecoding) -> Image.Image:
+    """``Image.open`` with our pixel limit in place of Pillow's decompression-bomb check, so an image over
+    it is a counted drop, not a Pillow warning or traceback. Pillow's check is off while the header is
+    read (the size is checked here, before any pixel is decoded) and is left at our limit for the rest
+    of the process (``Image.MAX_IMAGE_PIXELS`` is process-wide; it is reset, not restored, so two
+    decoding threads cannot leave it off)."""
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        im = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = decoding.max_pixels or None
+    if decoding.max_pixels and im.width * im.height > decoding.max_pixels:
+        im.close()
+        raise ImageRejected(decoding.over_limit)
+    return im
+
+
+def decode_image(path: str | os.PathLike, decoding: ImageDecoding) -> Image.Image:
+    """An image file → the 8-bit RGB image the processor sees (the module docstring's rule), decoding no
+    more pixels than needed; raises :class:`ImageRejected` for a file over the pixel limit, and whatever
+    Pillow raises for a file that does not decode."""
+    with _open(path, decoding) as im:
+        factor = _reduce_factor(im.size, decoding.edge)
+        if factor > 1 and im.format == "PNG" and "transparency" not in im.info:
+            reduced = _png_reduced(str(path), factor)
+            if reduced is not None:
+                return to_rgb(reduced, decoding)
+        if factor > 1:
+            im.draft(None, (-(-im.width // factor), -(-im.height // factor)))  # JPEG: DCT scaling; else no-op
+        try:
+            im.load()  # the full decode: truncated files fail here
+        except Image.DecompressionBombError:  # a frame or layer larger than the image's own size
+            raise ImageRejected(decoding.over_limit) from None
+        return to_rgb(im, decoding)
+
+
 @dataclass
 class ClipSpec:
     """What is known about an image model before its weights are loaded: enough for the manifest."""
@@ -164,6 +478,7 @@ class ClipSpec:
     seed: int = 0
     local_files_only: bool | None = None
     local: bool = False
+    decoding: ImageDecoding = field(default_factory=ImageDecoding)
 
     @property
     def dim(self) -> int:
@@ -185,12 +500,15 @@ class ClipSpec:
                                  "patch_size": self.config.patch_size, "hidden_size": self.config.hidden_size,
                                  "layers": self.config.num_hidden_layers, "projection_dim": self.dim},
                 "preprocessing": preprocessing_summary(self.processor),
+                "decoding": self.decoding.describe(),
                 "embedding": "CLIP visual projection, L2-normalised, stored float16"}
 
 
 def resolve_clip(model: str, *, local_files_only: bool | None = None, random_init: bool = False,
-                 seed: int = 0) -> ClipSpec:
-    """Config, image processor and revision of a CLIP checkpoint (hub id or directory); no weights yet."""
+                 seed: int = 0, max_image_pixels: int | None = None, background: str | None = None) -> ClipSpec:
+    """Config, image processor and revision of a CLIP checkpoint (hub id or directory); no weights yet.
+    ``max_image_pixels`` and ``background`` (None: the defaults) set how image files are decoded
+    (:class:`ImageDecoding`)."""
     from transformers import AutoConfig, AutoImageProcessor
 
     model = str(model)
@@ -214,8 +532,10 @@ def resolve_clip(model: str, *, local_files_only: bool | None = None, random_ini
             raise ModelLoadError(f"{source}: no weights here ({' / '.join(_WEIGHT_FILES[::2])}); save a "
                                  f"checkpoint with save_pretrained, or use random_init = true for an untrained "
                                  f"model (benchmarks only)")
-    return ClipSpec(model=model, source=source, config=config, processor=processor, revision=revision,
+    spec = ClipSpec(model=model, source=source, config=config, processor=processor, revision=revision,
                     random_init=random_init, seed=seed, local_files_only=local_files_only, local=local)
+    spec.decoding = ImageDecoding.for_edge(max(spec.pixel_shape[1:]), max_image_pixels, background)
+    return spec
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -277,10 +597,11 @@ class ClipImageEncoder:
         return self.spec.processor
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """(B, 3, H, W) float32 pixels, exactly as the model's own processor prepares them."""
+        """(B, 3, H, W) float32 pixels, as the model's own processor prepares them from :func:`to_rgb`'s images
+        (the same pixels extraction computes from the files)."""
         return torch.from_numpy(np.asarray(
-            self.processor(images=[im.convert("RGB") for im in images], return_tensors="np")["pixel_values"],
-            dtype=np.float32))
+            self.processor(images=[to_rgb(im, self.spec.decoding) for im in images],
+                           return_tensors="np")["pixel_values"], dtype=np.float32))
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels → (B, D) float32 L2-normalised embeddings on the CPU."""
@@ -342,16 +663,18 @@ class ImageBatches(torch.utils.data.Dataset):
     """Item k decodes and preprocesses the k-th batch of files, so workers overlap the model.
 
     Returns ``(rows, pixels, errors)``: ``errors[i]`` is "" for a good image, else why it failed
-    (its pixels are zeros and must not be used). Holds no Zarr object, so it pickles into spawned
-    workers cleanly.
+    (its pixels are zeros and must not be used). Files are decoded one at a time by :func:`decode_image`
+    (``decoding``: default, the default rule at the processor's edge), so a batch of huge files holds
+    one decoded file at a time. Holds no Zarr object, so it pickles into spawned workers cleanly.
     """
 
     def __init__(self, paths: Sequence[str], batches: Sequence[np.ndarray], processor: Any,
-                 pixel_shape: tuple[int, int, int]):
+                 pixel_shape: tuple[int, int, int], decoding: ImageDecoding | None = None):
         self.paths = [str(p) for p in paths]
         self.batches = [np.asarray(b, dtype=np.int64) for b in batches]
         self.processor = processor
         self.pixel_shape = tuple(pixel_shape)
+        self.decoding = decoding or ImageDecoding.for_edge(max(self.pixel_shape[1:]))
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -366,9 +689,10 @@ class ImageBatches(torch.utils.data.Dataset):
         images, good = [], []
         for i, row in enumerate(rows.tolist()):
             try:
-                with Image.open(self.paths[row]) as im:
-                    images.append(im.convert("RGB"))  # forces the full decode: truncated files fail here
+                images.append(decode_image(self.paths[row], self.decoding))
                 good.append(i)
+            except ImageRejected as err:
+                errors[i] = err.reason
             except Exception as err:  # noqa: BLE001 - any decode failure is a counted drop
                 errors[i] = f"image decode failed: {type(err).__name__}"
         if images:
@@ -460,7 +784,7 @@ def start_decoding(spec: ClipSpec, paths: Sequence[str | os.PathLike], batches: 
     """Begin decoding and preprocessing ``batches`` (row-index arrays into ``paths``) ahead of the model:
     in ``workers`` spawned processes, or in the prefetch thread when 0. Call it before loading the weights
     so the first batches are ready when the model is; close the result when done."""
-    data = ImageBatches([str(p) for p in paths], batches, spec.processor, spec.pixel_shape)
+    data = ImageBatches([str(p) for p in paths], batches, spec.processor, spec.pixel_shape, spec.decoding)
     return Prefetch(iter(image_loader(data, workers, pin_memory=pin_memory)))
 
 
