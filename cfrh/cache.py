@@ -401,15 +401,14 @@ class FeatureCache:
                     f"{FORMAT_VERSION}); re-extract with --overwrite"]
         problems = []
         try:
-            present = set(self.data_arrays())
-        except Exception as e:  # noqa: BLE001
-            present = set()
-            problems.append(f"group listing failed ({type(e).__name__}: {str(e)[:80]})")
+            present: set[str] | None = set(self.data_arrays())
+        except Exception:  # noqa: BLE001 - one member's broken metadata breaks the listing; each is checked below
+            present = None
         for name, entry in sorted(recorded.items()):
             try:
                 arr = self.group[name]
             except Exception as e:  # noqa: BLE001 - missing or unreadable metadata
-                problems.append(f"{name}: missing" if isinstance(e, KeyError) or name not in present
+                problems.append(f"{name}: missing" if isinstance(e, KeyError)
                                 else f"{name}: metadata unreadable ({type(e).__name__})")
                 continue
             n = int(arr.shape[0]) if arr.ndim else 0
@@ -422,7 +421,7 @@ class FeatureCache:
                 except CacheCorrupt as e:
                     problems.append(f"{name}: block {b} (rows {start}–{stop - 1}) "
                                     + str(e).split(" is corrupt: ", 1)[1].split("; re-extract")[0])
-        problems += [f"{name}: not recorded in the manifest" for name in sorted(present - set(recorded))]
+        problems += [f"{name}: not recorded in the manifest" for name in sorted((present or set()) - set(recorded))]
         return problems
 
 
