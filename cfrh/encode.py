@@ -75,7 +75,9 @@ def image_encoder(cache: FeatureCache, model: str | None = None, device: str = "
     want = cache.request["image"]
     source = model or cache.manifest.get("found", {}).get("image", {}).get("model_source") or want["model"]
     seed = random_init_seed(str(want.get("weights", "pretrained")))
-    spec = resolve_clip(str(source), random_init=seed is not None, seed=seed or 0)
+    decoding = want.get("decoding") or {}   # hash new images decoded as the cache's were
+    spec = resolve_clip(str(source), random_init=seed is not None, seed=seed or 0,
+                        max_image_pixels=decoding.get("max_image_pixels"), background=decoding.get("background"))
     have = spec.describe()
     diff = describe_differences({k: want.get(k) for k in have}, have)
     if diff:

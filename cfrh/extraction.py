@@ -227,7 +227,8 @@ def _plan(pipeline: Pipeline, c: Collection, feats: dict[str, Any]) -> _Plan:
 
         lfo = feats["local_files_only"]
         plan.spec = resolve_clip(feats["model_location"], local_files_only=None if lfo == "auto" else bool(lfo),
-                                 random_init=bool(feats["random_init"]), seed=int(feats["seed"]))
+                                 random_init=bool(feats["random_init"]), seed=int(feats["seed"]),
+                                 max_image_pixels=feats["max_image_pixels"], background=feats["background"])
         plan.device = resolve_device(feats["device"])
         plan.precision = resolve_precision(feats["precision"], plan.device)
     if c.text_features is None:

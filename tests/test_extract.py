@@ -283,3 +283,18 @@ def test_wiki_mat_import(wiki_dir, tmp_path):
     np.testing.assert_array_equal(cache.split("train"), cache.split("database"))
     assert cache.manifest["request"]["image"]["model"] == "precomputed"
     assert result.found["image"] == {"source": "shipped with the dataset"}
+
+
+def test_pipeline_decoding_settings_reach_the_cache_and_encoding(tiny_clip, dataset_dir, tmp_path):
+    """[features] max_image_pixels / background decide the pixels: recorded in the request, used by encode."""
+    pipe = load_pipeline(_pipeline_file(tmp_path, dataset_dir, tiny_clip,
+                                        extra='max_image_pixels = 2600\nbackground = "black"'))
+    cache = extract(pipe, tmp_path / "cache").cache
+    decoding = cache.request["image"]["decoding"]
+    assert (decoding["max_image_pixels"], decoding["background"]) == (2600, "#000000")
+    # the four images over 2,600 pixels (39 × 68 and larger) are counted drops with that reason
+    reasons = cache.manifest["found"]["dropped"]["by_reason"]
+    assert sum(n for r, n in reasons.items() if "2600" in r.replace(",", "")) == 4, reasons
+    from cfrh.encode import image_encoder
+
+    assert image_encoder(cache, device="cpu").spec.decoding.describe() == decoding
