@@ -115,6 +115,8 @@ class FeatureCache:
         self.url = url
         self.group = group
         self.fs, self.path = fsspec.core.url_to_fs(url)
+        self._drawn: dict[str, np.ndarray] | None = None   # splits of a [split] other than the stored one
+        self._split_settings: dict | None = None
 
     # -- opening ---------------------------------------------------------------------------
     @staticmethod
@@ -344,9 +346,44 @@ class FeatureCache:
     def strings(self, name: str) -> list[str]:
         return [str(s) for s in self.read(name).tolist()] if self.has(name) else []
 
+    # -- splits ----------------------------------------------------------------------------
+    def use_split(self, settings: dict[str, Any] | None) -> "FeatureCache":
+        """Serve the splits of the ``[split]`` table ``settings``: the stored ones when it is the table extraction
+        stored, else drawn now over the stored items (seeded: every stage and rerun draws the same rows). Splits
+        are cheap and the features do not depend on them, so a changed ``[split]`` needs no re-extraction."""
+        stored = self.manifest.get("split")
+        wanted = _jsonable(dict(settings)) if settings is not None else stored
+        self._drawn = None
+        if stored is not None and wanted != stored:
+            from .splits import SplitError, make_splits
+
+            labels = self.read("labels") if self.has("labels") else None
+            fixed = {name: self.read(f"fixed_splits/{name}").astype(np.int64) for name in self._fixed_lists()}
+            try:
+                self._drawn = make_splits(self.n_items, wanted, labels=labels, fixed=fixed or None)
+            except SplitError as e:
+                raise CacheError(f"{self.url}: [split] {e} ({self.n_items:,} items in this cache); fix [split] "
+                                 f"or --set split.KEY=VALUE") from None
+        self._split_settings = wanted
+        return self
+
+    def _fixed_lists(self) -> list[str]:
+        return [name.split("/", 1)[1] for name in self.data_arrays() if name.startswith("fixed_splits/")]
+
+    @property
+    def split_settings(self) -> dict[str, Any] | None:
+        """The ``[split]`` table whose rows :meth:`split` returns (the stored one unless :meth:`use_split`)."""
+        return self._split_settings if self._split_settings is not None else self.manifest.get("split")
+
+    @property
+    def split_redrawn(self) -> bool:
+        return self._drawn is not None
+
     def split(self, name: str) -> np.ndarray:
         if name not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        if self._drawn is not None:
+            return self._drawn[name]
         return self.read(f"splits/{name}").astype(np.int64)
 
     # -- resumable block-wise writing -----------------------------------------------------
@@ -456,9 +493,10 @@ def resolve_feature_key(pipeline: Any, root: str | os.PathLike | None = None, mo
 def open_pipeline_cache(pipeline: Any, cache_root: str | os.PathLike | None = None, mode: str = "r",
                         require_complete: bool = True, model: str | None = None) -> FeatureCache:
     """The cache a pipeline's later stages read (train, evaluate, encode, search, serve): the one lookup
-    they all use, so they agree (:func:`resolve_feature_key`)."""
+    they all use, so they agree (:func:`resolve_feature_key`), serving the pipeline's ``[split]``."""
     key = resolve_feature_key(pipeline, cache_root, model)
-    return FeatureCache.open(cache_root, pipeline.name, key, mode=mode, require_complete=require_complete)
+    cache = FeatureCache.open(cache_root, pipeline.name, key, mode=mode, require_complete=require_complete)
+    return cache.use_split(pipeline.split) if cache.is_complete else cache
 
 
 def list_caches(root: str | os.PathLike | None = None) -> list[FeatureCache]:

@@ -16,14 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import Pipeline
-from .datasets.base import DatasetError, read_dataset
-from .datasets.folder import find_annotations
+from .collection import collection_reader, collection_tables, pipeline_name, pipeline_text
 from .datasets.shapes import NotDemoFolder, generate_shapes, is_demo_folder
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -80,6 +78,9 @@ def choose_model(requested: str | None, cache_root: Path) -> DemoModel:
         except ModelLoadError as e:
             local_error = str(e)
     why = local_error if is_dir else f"{model} is not in the local Hugging Face cache and the hub cannot be reached"
+    if is_dir and (Path(model).expanduser() / "config.json").is_file():   # a config without weights: its architecture
+        return DemoModel(os.path.abspath(os.path.expanduser(model)), True, f"UNTRAINED {Path(model).name} "
+                         f"(random weights): {why}")
     return DemoModel(os.path.abspath(vit_b32_config_dir(cache_root)), True,
                      f"UNTRAINED ViT-B/32 (random weights): {why}")
 
@@ -112,64 +113,17 @@ class DemoData:
     generated: bool  # True: the demo's own scenes; False: a user's collection, only read
 
 
-def collection_reader(folder: Path) -> str | None:
-    """The reader for a collection in ``folder``: "coco" for the COCO layout (annotations/captions_*.json),
-    "folder" for images with one captions CSV/JSONL, else None."""
-    if any((folder / "annotations").glob("captions_*.json")):
-        return "coco"
-    try:
-        find_annotations(folder, None)
-    except DatasetError:
-        return None
-    return "folder"
-
-
-def _toml(tables: dict[str, dict[str, Any]], name: str) -> str:
-    """A pipeline file's text from plain values (strings, numbers, booleans, lists of them)."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(v, ensure_ascii=False) if isinstance(v, str) else repr(v)
-
-    lines = [f"name = {value(name)}"]
-    for table, entries in tables.items():
-        lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in entries.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _cut_offs(values: list[int], n_database: int) -> list[int]:
-    """Evaluation cut-offs no larger than the database (the demo's are sized for 500 items)."""
-    return sorted({min(int(k), n_database) for k in values})
-
-
-def collection_pipeline(folder: Path, reader: str, base: Pipeline, cache_root: Path, model: DemoModel) -> DemoData:
-    """A pipeline for the collection in ``folder`` (read with ``reader``), written under ``cache_root`` — never
-    into ``folder``: the demo pipeline's features (with ``model``), training and evaluation, with queries,
-    batch size and cut-offs scaled to the collection's size. Its name (``demo-<folder>-<digest of the
-    path>``) keeps its cache apart from the scenes' and from another folder's."""
-    collection = read_dataset(reader, folder)
-    n = len(collection)
-    if n < 3:
-        raise DatasetError(f"{folder}: the {reader} reader found {n} usable items (dropped: "
-                           f"{collection.dropped.counts}); the demo needs at least 3")
-    n_query = max(1, min(100, n // 5))
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.name).strip("-.") or "data"
-    name = f"demo-{slug}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
-    evaluate, train = dict(base.evaluate), dict(base.train)
-    for key in ("map_k", "precision_k", "topn"):
-        if key in evaluate:
-            evaluate[key] = _cut_offs(evaluate[key], n - n_query)
-    if "batch_size" in train:  # a batch never larger than the training rows (all but the queries)
-        train["batch_size"] = min(int(train["batch_size"]), n - n_query)
-    tables = {"dataset": {"reader": reader, "root": str(folder)},
-              "features": {**base.features, **model_settings(model)},
-              "split": {"method": "random", "query": n_query, "train": "all", "database": "rest", "seed": 0},
-              "train": train, "evaluate": evaluate}
+def collection_pipeline(folder: Path, base: Pipeline, cache_root: Path, model: DemoModel) -> DemoData:
+    """A pipeline for the collection in ``folder`` (:func:`cfrh.collection.collection_tables`: columns detected,
+    split and batch scaled to its size), written under ``cache_root`` — never into ``folder`` — with the demo
+    pipeline's training and evaluation and ``model``. Its name (``demo-<folder>-<digest of the path>``) keeps
+    its cache apart from the scenes' and from another folder's."""
+    tables, collection = collection_tables(folder, {**base.features, **model_settings(model)}, base.train,
+                                           base.evaluate)
+    name = f"demo-{pipeline_name(folder)}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
     path = Path(cache_root) / "demo-pipelines" / f"{name}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_toml(tables, name))
+    path.write_text(pipeline_text(tables, name))
     return DemoData(folder, str(path), (), collection.image_paths[0], collection.labels is not None, False)
 
 
@@ -189,4 +143,4 @@ def prepare_data(folder: Path, base: Pipeline, cache_root: Path, model: DemoMode
             f"empty folder (the demo renders its scenes there), or a folder with images and one captions CSV/JSONL "
             f"(fields image, text or tags, optional labels) or the COCO layout (annotations/captions_*.json) — the "
             f"demo only reads such a folder")
-    return collection_pipeline(folder, reader, base, cache_root, model)
+    return collection_pipeline(folder, base, cache_root, model)

@@ -3,15 +3,17 @@
 Order of work, chosen so that a failed image never leaves a bad row behind:
 
 1. read the dataset (``read_dataset``); work out the request (dataset fingerprint, image model and
-   revision, preprocessing, precision, vectoriser, split protocol) and create or resume the cache;
+   revision, preprocessing, precision, vectoriser), check the split against the items read, and
+   create or resume the cache;
 2. image features in row blocks into a staging array (``_progress/image_rows``); each block is
    flagged done only after its rows are stored, so an interrupted run redoes at most one block
    per interruption and the result equals an uninterrupted run's. Images that fail to decode
    are remembered with the reason (staging attrs), never stored as features;
 3. the items whose image failed are dropped (counted in the drop report, reason ``image decode
    failed: <error>``); the splits are drawn over the items that remain; the vocabulary is fitted
-   on their training split; ``image`` is copied from the staging rows that remain;
-4. text, labels, ids, paths, texts, names, vocabulary and splits are written; ``finalize``
+   on their texts; ``image`` is copied from the staging rows that remain;
+4. text, labels, ids, paths, texts, names, vocabulary, splits and the dataset's own lists are
+   written; ``finalize``
    records checksums and the manifest's ``found`` part and drops the staging data.
 
 Datasets that ship features (WIKI, the DCMH/DJSRH ``.mat`` releases) are imported as they are
@@ -31,12 +33,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cache import FeatureCache, feature_key, iter_row_blocks, writer_lock
+from .cache import SPLITS, FeatureCache, feature_key, iter_row_blocks, writer_lock
 from .config import Pipeline
 from .datasets.base import Collection, DropReport, read_dataset
 from .errors import CfrhError
 from .features.text import BowVectoriser
-from .splits import make_splits
+from .splits import SplitError, make_splits
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,29 @@ def model_location(pipeline: Pipeline, model: str, from_pipeline: bool = True) -
     elif model.startswith((".", "~", "/")) or os.path.isdir(model):
         return os.path.abspath(os.path.expanduser(model))
     return model
+
+
+def check_pipeline(pipeline: Pipeline) -> dict[str, Any]:
+    """Every section of a pipeline checked at once, before anything expensive: the reader and its options,
+    ``[features]``, the keys of ``[split]``, ``[train]`` and ``[evaluate]`` (types and choices). Extraction is
+    the one expensive step, so nothing a later stage reads may fail only after it. Returns the features."""
+    from .datasets.base import check_reader_options
+    from .estimator import TrainConfig
+    from .evaluation import EvaluateConfig
+    from .splits import check_split_keys
+
+    where = pipeline.path or pipeline.name
+    if "reader" not in pipeline.dataset:
+        raise ExtractError(f"{where}: [dataset] needs a 'reader' (e.g. reader = \"coco\")")
+    try:
+        check_reader_options(pipeline.dataset["reader"],
+                             {k: v for k, v in pipeline.dataset.items() if k not in ("reader", "root")})
+        check_split_keys(pipeline.split)
+    except CfrhError as e:
+        raise ExtractError(f"{where}: {e}") from None
+    TrainConfig.from_dict(pipeline.train, f"{where} [train]")
+    EvaluateConfig.from_dict(pipeline.evaluate, f"{where} [evaluate]")
+    return feature_settings(pipeline)
 
 
 def read_pipeline_dataset(pipeline: Pipeline) -> Collection:
@@ -207,7 +232,9 @@ class _Plan:
             image = {"model": "precomputed", "shape": list(c.image_features.shape), "dtype": "float32"}
         text = self.vectoriser.settings() if self.vectoriser is not None else {
             "kind": "precomputed", "shape": list(c.text_features.shape)}
-        return {"dataset": dataset, "image": image, "text": text, "split": dict(pipeline.split)}
+        # The split is not part of the request: features do not depend on it (the stored one is the manifest's
+        # "split"; another one is drawn over the features when a stage opens the cache).
+        return {"dataset": dataset, "image": image, "text": text}
 
 
 def _plan(pipeline: Pipeline, c: Collection, feats: dict[str, Any]) -> _Plan:
@@ -316,13 +343,12 @@ def _shipped(arr: np.ndarray, name: str, root: Any) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def _write_text(cache: FeatureCache, c: Collection, vec: BowVectoriser | None, train: np.ndarray,
-                block_rows: int) -> dict[str, Any]:
+def _write_text(cache: FeatureCache, c: Collection, vec: BowVectoriser | None, block_rows: int) -> dict[str, Any]:
     if vec is None:
         data = _shipped(c.text_features, "text features", c.root)
         cache.write("text", data, chunk_rows=block_rows)
         return {"text_dim": int(data.shape[1]), "empty_text_rows": int((data == 0).all(axis=1).sum())}
-    vec.fit([c.texts[i] for i in train])
+    vec.fit(c.texts)
     counts = vec.transform(c.texts)
     out = cache.require_array("text", counts.shape, np.uint8, chunk_rows=block_rows)
     for _, s, e in iter_row_blocks(counts.shape[0], block_rows):
@@ -351,21 +377,27 @@ def extract(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, ove
         if on_status is not None:
             on_status(message)
 
+    check_pipeline(pipeline)
     feats = feature_settings(pipeline, image_model=model, device=device, precision=precision,
                              batch_size=batch_size, workers=workers)
     feats["model_location"] = model_location(pipeline, str(feats["image_model"]), from_pipeline=model is None)
     c = read_pipeline_dataset(pipeline)
     if len(c) == 0:
         raise ExtractError(f"{c.root}: the reader found no usable items (dropped: {c.dropped.counts})")
+    try:   # cheap, so before any image is embedded (image failures can only lower the count later)
+        make_splits(len(c), pipeline.split, labels=c.labels, fixed=c.fixed_splits)
+    except SplitError as e:
+        raise ExtractError(f"{pipeline.path or pipeline.name} [split]: {e} (the reader kept {len(c):,} items); "
+                           f"fix [split] or --set split.KEY=VALUE") from None
     plan = _plan(pipeline, c, feats)
     key = feature_key(str(feats["image_model"]))
     request = plan.request(pipeline, c)
-    done = None if overwrite else _complete(cache_root, pipeline.name, key, request)
+    done = None if overwrite else _complete(cache_root, pipeline.name, key, request, pipeline.split)
     if done is not None:
         return done
     with writer_lock(cache_root, pipeline.name, key,
                      on_wait=lambda lock: status(f"waiting for another extraction of this cache ({lock})")):
-        done = None if overwrite else _complete(cache_root, pipeline.name, key, request)
+        done = None if overwrite else _complete(cache_root, pipeline.name, key, request, pipeline.split)
         if done is not None:   # the other extraction finished it while this one waited
             return done
         cache, resumed = FeatureCache.create(cache_root, pipeline.name, key, request, overwrite)
@@ -373,16 +405,22 @@ def extract(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, ove
         return _extract_into(cache, resumed, pipeline, c, plan, feats, on_images)
 
 
-def _complete(cache_root: str | os.PathLike | None, dataset: str, key: str,
-              request: dict[str, Any]) -> ExtractResult | None:
-    """The result for a cache that is already complete with this request (read-only), else None."""
+def _complete(cache_root: str | os.PathLike | None, dataset: str, key: str, request: dict[str, Any],
+              split: dict[str, Any]) -> ExtractResult | None:
+    """The result for a cache that is already complete with this request (read-only), else None. A ``[split]``
+    other than the stored one is drawn over the stored features (checked here, used by every later stage)."""
     if not FeatureCache.exists(cache_root, dataset, key):
         return None
     cache = FeatureCache.open(cache_root, dataset, key, mode="r", request=request, require_complete=False)
     if not cache.is_complete:
         return None
+    cache.use_split(split)
+    found = dict(cache.manifest.get("found", {}))
+    if cache.split_redrawn:
+        found["counts"] = {**found.get("counts", {}), **{p: int(len(cache.split(p))) for p in SPLITS}}
+        log.info("%s: [split] differs from the stored one; later stages draw it over these features", cache.url)
     log.info("%s is complete; nothing to do (use --overwrite to re-extract)", cache.url)
-    return ExtractResult(cache, resumed=True, already_complete=True, found=cache.manifest.get("found", {}))
+    return ExtractResult(cache, resumed=True, already_complete=True, found=found)
 
 
 def _extract_into(cache: FeatureCache, resumed: bool, pipeline: Pipeline, c: Collection, plan: _Plan,
@@ -409,7 +447,7 @@ def _extract_into(cache: FeatureCache, resumed: bool, pipeline: Pipeline, c: Col
         data = _shipped(items.image_features, "image features", c.root).astype(np.float32)
         cache.write("image", data, chunk_rows=block_rows)
         image_dim = int(data.shape[1])
-    text_counts = _write_text(cache, items, plan.vectoriser, splits["train"], block_rows)
+    text_counts = _write_text(cache, items, plan.vectoriser, block_rows)
     cache.write("ids", list(items.ids))
     cache.write("texts", list(items.texts))
     if items.image_paths is not None:
@@ -420,6 +458,8 @@ def _extract_into(cache: FeatureCache, resumed: bool, pipeline: Pipeline, c: Col
         cache.write("label_names", list(items.label_names))
     for part, rows in splits.items():
         cache.write(f"splits/{part}", rows)
+    for name, rows in (items.fixed_splits or {}).items():   # the dataset's own lists, for other fixed splits
+        cache.write(f"fixed_splits/{name}", np.asarray(rows, dtype=np.int64))
 
     found = {
         "counts": {"items": len(items), "image_dim": image_dim, **text_counts,
@@ -432,6 +472,6 @@ def _extract_into(cache: FeatureCache, resumed: bool, pipeline: Pipeline, c: Col
                   **image_run} if plan.spec is not None else {"source": "shipped with the dataset"},
         "versions": package_versions(),
     }
-    cache.finalize(found=found)
+    cache.finalize(found=found, split=dict(pipeline.split))
     log.info("finished %s: %d items", cache.url, len(items))
     return ExtractResult(cache, resumed=resumed, already_complete=False, found=found)

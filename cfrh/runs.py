@@ -119,6 +119,11 @@ class RunStore:
                            f"{', '.join(have) or 'none'}); run `cfrh train {cache.dataset}"
                            + (f" --run {self.name}" if self.name != "cfrh" else "") + "` first, or pass --runs")
         trained_on = info.get("cache", {}).get("fingerprint")
+        split = info.get("cache", {}).get("split")
+        if trained_on == cache.fingerprint and split is not None and split != cache.split_settings:
+            raise RunError(f"{self.url}: run {self.name!r} was trained with another [split] ({split}; the pipeline "
+                           f"now has {cache.split_settings}); retrain it with `cfrh train {cache.dataset} "
+                           f"--no-resume`, or use another --run for this split")
         if trained_on != cache.fingerprint:
             raise RunError(f"{self.url}: run {self.name!r} was trained on another cache (fingerprint {trained_on}, "
                            f"this cache {cache.fingerprint}: {cache.url}); retrain it with `cfrh train "

@@ -9,8 +9,10 @@ A protocol is the ``[split]`` table of a pipeline:
 ``method = "fixed"``
     the dataset's own lists (WIKI): ``query_from``/``train_from``/``database_from`` name them.
 
-Splits are seeded, computed once at extraction and stored in the cache, so every method and
-every rerun sees the same rows.
+Splits are seeded and cheap. Extraction stores the pipeline's split in the cache (and the dataset's
+own lists, for ``fixed``); a stage whose ``[split]`` differs draws that split over the stored features
+when it opens the cache (:meth:`cfrh.cache.FeatureCache.use_split`), so changing it never needs a
+re-extraction, and every method and rerun with the same table sees the same rows.
 """
 from __future__ import annotations
 
@@ -43,14 +45,22 @@ PROTOCOL_KEYS = {"random": ("method", "seed", "query", "query_per_label", "train
                  "fixed": ("method", "seed", "query_from", "train_from", "database_from")}
 
 
+def check_split_keys(protocol: dict[str, Any]) -> None:
+    """A known method and only its keys: a misspelt key would otherwise silently fall back to a default."""
+    method = protocol.get("method", "random")
+    if method not in PROTOCOL_KEYS:
+        raise SplitError(f"unknown split method {method!r}; use 'random' or 'fixed'")
+    unknown = sorted(set(protocol) - set(PROTOCOL_KEYS[method]))
+    if unknown:
+        raise SplitError(f"[split] {unknown} not understood with method {method!r}; it takes "
+                         f"{', '.join(PROTOCOL_KEYS[method])}")
+
+
 def make_splits(n: int, protocol: dict[str, Any], labels: np.ndarray | None = None,
                 fixed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Row indices (sorted int64) for ``query``, ``train`` and ``database``."""
+    check_split_keys(protocol)
     method = protocol.get("method", "random")
-    unknown = sorted(set(protocol) - set(PROTOCOL_KEYS.get(method, protocol)))
-    if unknown:  # a misspelt key would otherwise silently fall back to a default protocol
-        raise SplitError(f"[split] {unknown} not understood with method {method!r}; it takes "
-                         f"{', '.join(PROTOCOL_KEYS[method])}")
     seed = int(protocol.get("seed", 0))
     rng = np.random.default_rng(seed)
     if method == "fixed":

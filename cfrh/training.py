@@ -127,9 +127,12 @@ def train(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, bits:
     except RunError as e:
         raise TrainError(str(e)) from None
     info = store.info()
-    if resume and info and info.get("cache", {}).get("fingerprint") != cache.fingerprint:
-        raise TrainError(f"{store.url}: run {run!r} was trained on another cache ({info.get('cache', {}).get('url')}); "
-                         f"pass --no-resume to retrain it on {cache.url}, or --run NAME for a separate run")
+    trained_on = info.get("cache", {})
+    if resume and info and (trained_on.get("fingerprint"), trained_on.get("split", cache.split_settings)) != (
+            cache.fingerprint, cache.split_settings):
+        raise TrainError(f"{store.url}: run {run!r} was trained on another cache or [split] "
+                         f"({trained_on.get('url')}); pass --no-resume to retrain it on {cache.url} with this "
+                         f"[split], or --run NAME for a separate run")
     if not resume and info:
         for b in config.bits:
             store.remove(str(b))
@@ -146,7 +149,7 @@ def train(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, bits:
         feature_means = (feature_mean(cache, "image", data.rows), feature_mean(cache, "text", data.rows))
     store.update_info(run=run, pipeline=pipeline.name,
                       cache={"url": cache.url, "fingerprint": cache.fingerprint, "dataset": cache.dataset,
-                             "key": cache.key},
+                             "key": cache.key, "split": cache.split_settings},
                       config={k: v for k, v in dataclasses.asdict(config).items() if k not in RESULT_NEUTRAL},
                       bits=sorted(set(info.get("bits", [])) | set(config.bits)))
     summary: dict[str, Any] = {"run": run, "cache": cache.url, "runs": store.url, "train_rows": int(len(train_rows)),

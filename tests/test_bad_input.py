@@ -351,7 +351,9 @@ def test_demo_runs_on_a_users_collection_without_writing_into_it(tmp_path, tiny_
     pipelines = list((tmp_path / "cache" / "demo-pipelines").glob("demo-my-photos-*.toml"))
     assert len(pipelines) == 1
     pipe = load_pipeline(pipelines[0])
-    assert pipe.dataset == {"reader": "folder", "root": str(root.resolve())} and pipe.split["query"] == 6
+    assert pipe.dataset == {"reader": "folder", "root": str(root.resolve()), "annotations": "captions.csv",
+                            "image_field": "image", "text_field": "text", "labels_field": "labels"}
+    assert pipe.split["query"] == 3     # a tenth of the 30 items
     assert pipe.features["image_model"] == str(tiny_clip)
     assert list((tmp_path / "runs").rglob("report.json")), "evaluate wrote no report"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,21 +113,20 @@ def test_extract_synthetic_collection(tiny_clip, dataset_dir, tmp_path):
     direct = enc.encode([Image.open(dataset_dir / p) for p in paths])
     np.testing.assert_allclose(image.astype(np.float32), direct.astype(np.float32), atol=2e-3)
 
-    # splits over the kept items; vocabulary from the training rows only
+    # splits over the kept items; vocabulary from every kept item's text (no label, independent of the split)
     q, tr, db = (cache.split(s) for s in ("query", "train", "database"))
     assert len(q) == 4 and len(tr) == 10 and len(db) == N_GOOD - 4
     assert not np.intersect1d(q, db).size and np.isin(tr, db).all()
     texts = cache.strings("texts")
-    expected = BowVectoriser(kind="tags").fit([texts[i] for i in tr])
-    assert cache.strings("vocabulary") == expected.vocabulary
-    assert ("rare" in cache.strings("vocabulary")) == (0 in tr)
+    expected = BowVectoriser(kind="tags").fit(texts)
+    assert cache.strings("vocabulary") == expected.vocabulary and "rare" in expected.vocabulary
     np.testing.assert_array_equal(cache.read("text"), expected.transform_dense(texts))
     np.testing.assert_array_equal(cache.read("labels").argmax(1), np.array(kept) % 3)
     assert cache.strings("label_names") == ["red", "green", "blue"]
 
     m = cache.manifest
     assert m["request"]["image"]["model"] == "tiny-clip" and m["request"]["image"]["precision"] == "fp32"
-    assert m["request"]["text"]["binary"] is True and m["request"]["split"]["query"] == 4
+    assert m["request"]["text"]["binary"] is True and m["split"]["query"] == 4 and "split" not in m["request"]
     assert m["found"]["image"]["throughput"]["images"] == N_GOOD + 1
     assert "_progress" not in cache.group and cache.verify() == []
 
@@ -163,11 +163,44 @@ def test_other_settings_fail_with_the_differences(tiny_clip, dataset_dir, tmp_pa
     pipe = load_pipeline(_pipeline_file(tmp_path, dataset_dir, tiny_clip))
     extract(pipe, tmp_path / "cache")
     changed = load_pipeline(pipe.path, ["split.seed=5", "features.min_df=2"])
-    with pytest.raises(CacheMismatch, match=r"split\.seed: cache has 0, asked for 5") as err:
+    with pytest.raises(CacheMismatch, match=r"text\.min_df: cache has 1, asked for 2") as err:
         extract(changed, tmp_path / "cache")
-    assert "text.min_df" in str(err.value)
+    assert "split" not in str(err.value)          # the split never forces a re-extraction
     redone = extract(changed, tmp_path / "cache", overwrite=True)
-    assert redone.cache.manifest["request"]["split"]["seed"] == 5 and not redone.resumed
+    assert redone.cache.manifest["split"]["seed"] == 5 and not redone.resumed
+
+
+def test_a_changed_split_is_drawn_over_the_stored_features(tiny_clip, dataset_dir, tmp_path, monkeypatch):
+    """Splits are cheap: after extraction, a new [split] is drawn over the cache without embedding again."""
+    from cfrh.cache import open_pipeline_cache
+    from cfrh.splits import make_splits
+
+    pipe = load_pipeline(_pipeline_file(tmp_path, dataset_dir, tiny_clip))
+    first = extract(pipe, tmp_path / "cache").cache
+    before = {p: p.stat().st_mtime_ns for p in Path(first.path).rglob("*")}
+    monkeypatch.setattr("cfrh.features.image.load_clip", lambda *a, **k: pytest.fail("embedded again"))
+    changed = load_pipeline(pipe.path, ["split.seed=5", "split.query=6"])
+    result = extract(changed, tmp_path / "cache")
+    assert result.already_complete and result.counts["query"] == 6
+    cache = open_pipeline_cache(changed, tmp_path / "cache")
+    labels = cache.read("labels")
+    want = make_splits(cache.n_items, changed.split, labels=labels)
+    for part in ("query", "train", "database"):
+        np.testing.assert_array_equal(cache.split(part), want[part])
+    assert len(cache.split("query")) == 6 and cache.split_settings["seed"] == 5
+    np.testing.assert_array_equal(open_pipeline_cache(pipe, tmp_path / "cache").split("query"), first.split("query"))
+    assert {p: p.stat().st_mtime_ns for p in Path(first.path).rglob("*")} == before    # nothing written
+    with pytest.raises(CacheError, match=r"\[split\] query = 500 must be between 1 and 21 for 22 items"):
+        open_pipeline_cache(load_pipeline(pipe.path, ["split.query=500"]), tmp_path / "cache")
+
+
+def test_an_impossible_split_fails_before_any_image_is_embedded(tiny_clip, dataset_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("cfrh.features.image.load_clip", lambda *a, **k: pytest.fail("embedded"))
+    for override, message in (("split.query=5000", "query = 5000 must be between 1 and 22 for 23 items"),
+                              ("split.querry=5", "['querry'] not understood")):
+        with pytest.raises(ExtractError, match=re.escape(message)):
+            extract(load_pipeline(_pipeline_file(tmp_path, dataset_dir, tiny_clip), [override]), tmp_path / "c")
+        assert not (tmp_path / "c").exists()
 
 
 def test_cache_root_may_be_an_fsspec_url(tiny_clip, dataset_dir, tmp_path):
@@ -237,8 +270,8 @@ def test_cli_extract_ls_info_verify(tiny_clip, dataset_dir, tmp_path):
     assert res.exit_code == 1
     assert "image: block 0 (rows 0–" in res.output and "differ from the digest" in res.output
 
-    res = runner.invoke(cli, ["extract", str(toml), "--cache", cache_root, "--set", "split.query=5"])
-    assert isinstance(res.exception, CacheMismatch) and "split.query" in str(res.exception)
+    res = runner.invoke(cli, ["extract", str(toml), "--cache", cache_root, "--set", "features.min_df=3"])
+    assert isinstance(res.exception, CacheMismatch) and "text.min_df" in str(res.exception)
 
 
 def test_coco_mini_end_to_end(tiny_clip, coco_mini_dir, tmp_path):

@@ -236,6 +236,9 @@ def test_a_read_only_cache_serves_train_evaluate_and_search(collection, tmp_path
 
 
 # -- runs belong to the cache they were trained on ----------------------------------------------------------
+STORED_SPLIT = {"method": "random", "query": 20, "seed": 0}
+
+
 def _toy_cache(root: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     cache, _ = FeatureCache.create(root, "toy", "precomputed", request={"toy": 1}, overwrite=True)
@@ -245,11 +248,11 @@ def _toy_cache(root: Path, seed: int) -> None:
     cache.write("ids", [str(i) for i in range(120)])
     for part, rows in (("query", np.arange(20)), ("train", np.arange(20, 120)), ("database", np.arange(20, 120))):
         cache.write(f"splits/{part}", rows)
-    cache.finalize()
+    cache.finalize(split=STORED_SPLIT)
 
 
 def test_a_run_is_refused_against_another_cache(tmp_path):
-    pipe = Pipeline(name="toy", path=None, dataset={"reader": "precomputed"},
+    pipe = Pipeline(name="toy", path=None, dataset={"reader": "precomputed"}, split=dict(STORED_SPLIT),
                     train={"bits": [8], "epochs": 1, "batch_size": 20, "image_hidden": [8], "text_hidden": [8],
                            "threads": 1})
     _toy_cache(tmp_path / "cache", seed=0)
@@ -262,3 +265,10 @@ def test_a_run_is_refused_against_another_cache(tmp_path):
         train(pipe, tmp_path / "cache", runs_root=tmp_path / "runs")
     train(pipe, tmp_path / "cache", runs_root=tmp_path / "runs", resume=False)
     assert evaluate(pipe, tmp_path / "cache", runs_root=tmp_path / "runs", write=False)["results"]
+    # Same cache, another [split]: drawn over the features, but the run's codes were trained on the other one.
+    other = Pipeline(**{**pipe.__dict__, "split": {"method": "random", "query": 30, "seed": 1}})
+    with pytest.raises(RunError, match=r"trained with another \[split\].*--no-resume"):
+        evaluate(other, tmp_path / "cache", runs_root=tmp_path / "runs")
+    train(other, tmp_path / "cache", runs_root=tmp_path / "runs", run="other-split")
+    report = evaluate(other, tmp_path / "cache", runs_root=tmp_path / "runs", run="other-split", write=False)
+    assert report["protocol"]["n_query"] == 30

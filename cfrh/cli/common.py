@@ -73,10 +73,11 @@ def with_overrides(pipeline: Pipeline, **settings: Any) -> Pipeline:
 
 
 def progress() -> Progress:
-    """The one progress-bar style of the CLI (rich, on stderr; silent when stderr is not a terminal)."""
+    """The one progress-bar style of the CLI (rich, on stderr; off when stderr is not a terminal, so logs and
+    pipes get results and messages only)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=False)
+                    console=err_console, transient=False, disable=not err_console.is_terminal)
 
 
 __all__ = ["cli", "console", "err_console", "say", "pipeline_options", "runs_option", "with_overrides", "progress",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -134,14 +134,29 @@ def register(name: str) -> Callable[[Reader], Reader]:
     return wrap
 
 
-def read_dataset(reader: str, root: str | Path, **options) -> Collection:
-    """Read a dataset with a registered reader; ``options`` come from the pipeline's ``[dataset]`` table."""
+def check_reader_options(reader: str, options: dict[str, Any]) -> None:
+    """A known reader and only the options it takes (each reader's keyword arguments), so a misspelt
+    ``[dataset]`` key is one line listing the known ones, not a TypeError from inside the reader."""
+    import inspect
+
     from . import load_all
 
     load_all()
-
     if reader not in READERS:
         raise DatasetError(f"unknown dataset reader {reader!r}; known: {', '.join(sorted(READERS))}")
+    params = inspect.signature(READERS[reader]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [name for name, p in list(params.items())[1:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise DatasetError(f"[dataset] {unknown} not understood by reader {reader!r}; it takes reader, root"
+                           + "".join(f", {k}" for k in known))
+
+
+def read_dataset(reader: str, root: str | Path, **options) -> Collection:
+    """Read a dataset with a registered reader; ``options`` come from the pipeline's ``[dataset]`` table."""
+    check_reader_options(reader, options)
     root = Path(root).expanduser().resolve()
     require(root, "dataset root", "point [dataset] root (or --root) at the dataset's folder")
     return READERS[reader](root, **options)

@@ -1,8 +1,10 @@
 """Bag-of-words text features: tags or captions → uint8 count rows over a stored vocabulary.
 
-The vocabulary is fitted on the training split only (a word seen only in query rows must not
-shape the features the model trains on), unless the dataset fixes one itself (MIRFLICKR-25K's
-1,386 tags, NUS-WIDE's 1,000), which is then used as is. Two tokenisations:
+The vocabulary is fitted on every item's text, unless the dataset fixes one itself (MIRFLICKR-25K's
+1,386 tags, NUS-WIDE's 1,000), which is then used as is. Fitting on all items is the field's own
+convention (those fixed vocabularies were chosen over the whole datasets), uses no label, and keeps
+the features independent of the split, so a changed ``[split]`` never needs a re-extraction. Two
+tokenisations:
 
 * ``tags``: whitespace tokens, lower-cased, binary presence (the DCMH/DJSRH convention);
 * ``captions``: word tokens (``\\b\\w\\w+\\b``), lower-cased, English stop words removed, counts.
@@ -74,7 +76,7 @@ class BowVectoriser:
         if self.fixed_vocabulary:
             s["vocabulary"] = f"fixed by the dataset ({len(self.vocabulary or [])} terms)"
         else:
-            s.update(vocabulary="fit on the training split", min_df=self.min_df, max_features=self.max_features)
+            s.update(vocabulary="fit on every item", min_df=self.min_df, max_features=self.max_features)
         return s
 
     def _lowercase(self) -> bool:
@@ -93,7 +95,7 @@ class BowVectoriser:
         return CountVectorizer(**kwargs)
 
     def fit(self, texts: Sequence[str]) -> "BowVectoriser":
-        """Learn the vocabulary from ``texts`` (pass the training split's only); no-op for a fixed one."""
+        """Learn the vocabulary from ``texts`` (every item's); no-op for a fixed one."""
         if self.fixed_vocabulary:
             return self
         try:
