@@ -127,8 +127,7 @@ def summarise(result: RetrievalResult, config: EvaluateConfig, map_k: list[int],
                            "map_all_tie_aware": result.mean_average_precision(ties="expected")}
     for k in map_k:
         row[f"map@{k}"] = result.mean_average_precision(k, rule=config.map_k_rule)
-        if config.map_k_rule != "retrieved":
-            row[f"map@{k}_tie_aware"] = result.mean_average_precision(k, ties="expected", rule=config.map_k_rule)
+        row[f"map@{k}_tie_aware"] = result.mean_average_precision(k, ties="expected", rule=config.map_k_rule)
     for k in precision_k:
         row[f"p@{k}"] = float(result.precision_at(k))
         row[f"p@{k}_tie_aware"] = float(result.precision_at(k, ties="expected"))
@@ -176,12 +175,9 @@ def chance_level(protocol: Protocol, config: EvaluateConfig) -> dict:
     n_q, n_db = len(protocol.query), len(protocol.database)
     result = retrieval_metrics(np.zeros((n_q, 1), np.uint8), np.zeros((n_db, 1), np.uint8),
                                protocol.labels[protocol.query], protocol.labels[protocol.database],
-                               map_ks=protocol.map_k if config.map_k_rule != "retrieved" else (),
-                               precision_ks=protocol.precision_k, batch_size=config.batch_size)
+                               map_ks=protocol.map_k, precision_ks=protocol.precision_k, batch_size=config.batch_size)
     out = {"map_all": result.mean_average_precision(ties="expected")}
-    if config.map_k_rule != "retrieved":
-        out.update({f"map@{k}": result.mean_average_precision(k, "expected", config.map_k_rule)
-                    for k in protocol.map_k})
+    out.update({f"map@{k}": result.mean_average_precision(k, "expected", config.map_k_rule) for k in protocol.map_k})
     out.update({f"p@{k}": float(result.precision_at(k, "expected")) for k in protocol.precision_k})
     return out
 
