@@ -331,3 +331,22 @@ def test_pipeline_decoding_settings_reach_the_cache_and_encoding(tiny_clip, data
     from cfrh.encode import image_encoder
 
     assert image_encoder(cache, device="cpu").spec.decoding.describe() == decoding
+
+
+def test_a_model_given_at_extraction_is_found_by_the_later_stages(tiny_clip, dataset_dir, tmp_path):
+    """`cfrh extract X --model DIR` then `cfrh train X`: the cache is found without repeating the model;
+    with caches of two models, the error lists them and --model picks one."""
+    from cfrh.cache import open_pipeline_cache
+
+    pipe = load_pipeline(_pipeline_file(tmp_path, dataset_dir, tiny_clip),
+                         ["features.image_model='openai/clip-vit-base-patch32'"])   # not what is extracted
+    root = tmp_path / "cache"
+    first = extract(pipe, root, model=str(tiny_clip)).cache
+    assert open_pipeline_cache(pipe, root).url == first.url
+    other = make_tiny_clip(tmp_path / "second" / "clip-b", seed=1)
+    second = extract(pipe, root, model=str(other)).cache
+    with pytest.raises(CacheError, match=rf"several models \(({first.key}, {second.key}|{second.key}, "
+                                         rf"{first.key})\); choose one with --model"):
+        open_pipeline_cache(pipe, root)
+    assert open_pipeline_cache(pipe, root, model=str(other)).url == second.url
+    assert open_pipeline_cache(pipe, root, model=str(tiny_clip)).url == first.url
