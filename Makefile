@@ -6,7 +6,7 @@ PIPELINE ?= demo
 ARGS     ?=
 CFRH     := $(VENV)/bin/cfrh
 
-.PHONY: setup test extract train evaluate search demo benchmarks clean-cache
+.PHONY: setup test extract train evaluate search serve demo benchmarks clean-cache
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ evaluate: setup
 
 search: setup
 	$(CFRH) search $(PIPELINE) $(ARGS)
+
+# The search service and its page on http://127.0.0.1:8000/ (ARGS="--port 8080 --bits 32", a token: CFRH_SERVE_TOKEN).
+serve: setup
+	$(CFRH) serve $(PIPELINE) $(ARGS)
 
 # CLIP_MODEL: a hub id or local checkpoint directory; without one the demo says plainly that it is untrained.
 # DATA: a new or empty folder for the scenes, or a collection to run on, only read (DATA=../shared/data/coco-mini).
