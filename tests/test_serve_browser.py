@@ -18,6 +18,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cfrh.config import load_pipeline
@@ -102,7 +103,7 @@ def serving(pipeline: str, cache: str, runs: str, bits: int, overrides: list[str
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`cfrh serve demo` over 60 generated scenes hashed with a tiny CLIP (16 bits)."""
+    """(origin, scenes folder) of `cfrh serve demo` over 60 generated scenes hashed with a tiny CLIP (16 bits)."""
     base = tmp_path_factory.mktemp("serve-browser")
     scenes = generate_shapes(base / "scenes", n=60, size=64)
     clip = make_tiny_clip(base / "clip")
@@ -115,7 +116,7 @@ def server(tmp_path_factory):
     extract(pipe, cache)
     train(pipe, cache, runs_root=runs)
     with serving("demo", cache, runs, 16, overrides, base / "serve.log") as origin:
-        yield origin
+        yield origin, scenes
 
 
 class DevTools:
@@ -224,9 +225,10 @@ def shown(grid: str, k: int) -> str:
 
 
 def test_page_shows_k_images_and_a_click_shows_neighbours(server, browser):
-    browser.call("Page.navigate", url=f"{server}/?q=red+circle&k={K}&token={TOKEN}")
+    origin, scenes = server
+    browser.call("Page.navigate", url=f"{origin}/?q=red+circle&k={K}&token={TOKEN}")
     browser.wait_for(shown("results", K), f"{K} thumbnails for 'red circle'")
-    answer = get_json(f"{server}/api/search?text=red+circle&k={K}")
+    answer = get_json(f"{origin}/api/search?text=red+circle&k={K}")
     assert rendered(browser, "results") == [h["id"] for h in answer["results"]]
     assert "red circle" in browser.evaluate("document.getElementById('status').textContent")
     assert browser.evaluate("document.querySelector('#results .dist').textContent") == \
@@ -236,15 +238,26 @@ def test_page_shows_k_images_and_a_click_shows_neighbours(server, browser):
     browser.click("#results .card:nth-child(2) img")
     browser.wait_for(f"document.body.dataset.shown === '2' && ({shown('results', K)})",
                      f"neighbours of {clicked} after the click")
-    neighbours = get_json(f"{server}/api/search?id={urllib.parse.quote(clicked)}&modality=image&k={K}")
+    neighbours = get_json(f"{origin}/api/search?id={urllib.parse.quote(clicked)}&modality=image&k={K}")
     assert rendered(browser, "results") == [h["id"] for h in neighbours["results"]]
     assert rendered(browser, "same") == [h["id"] for h in neighbours["same_modality"]]
     assert rendered(browser, "query") == [clicked]
     location = urllib.parse.urlsplit(browser.evaluate("location.href"))
     assert urllib.parse.parse_qs(location.query)["id"] == [clicked]
 
+    # Choosing an image file uploads it and shows its nearest texts.
+    scene = scenes / "images" / "00003.jpg"
+    node = browser.call("DOM.querySelector", nodeId=browser.call("DOM.getDocument")["root"]["nodeId"],
+                        selector="#upload")["nodeId"]
+    browser.call("DOM.setFileInputFiles", files=[str(scene)], nodeId=node)
+    browser.wait_for(f"document.body.dataset.shown === '3' && ({shown('results', K)})", f"texts for {scene.name}")
+    uploaded = httpx.post(f"{origin}/api/search", files={"image": (scene.name, scene.read_bytes(), "image/jpeg")},
+                          data={"k": str(K)}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=WAIT_S).json()
+    assert rendered(browser, "results") == [h["id"] for h in uploaded["results"]]
+    assert scene.name in browser.evaluate("document.getElementById('status').textContent")
+
     assert browser.problems() == []
-    assert all(u.startswith(server + "/") or u.startswith("data:") for u in browser.requested()), \
+    assert all(u.startswith(origin + "/") or u.startswith("data:") for u in browser.requested()), \
         browser.requested()
 
 
