@@ -12,6 +12,10 @@ stage (:mod:`cfrh.training`) drives the same loop over batches streamed from a f
 checkpoints and resume; :meth:`CFRH.fit_batches` is that shared loop. Per epoch: set α, then per batch
 build the fused similarity (:mod:`cfrh.similarity`) of the prepared features, run both autoencoders
 (:mod:`cfrh.model`), add the loss terms (:mod:`cfrh.loss`), step.
+
+``train.method`` picks what the loop trains: ``cfrh`` (the default) or one of the field's baselines, ``djsrh``,
+``jdsh``, ``dgcpn``, with their published settings; :mod:`cfrh.trainers` holds what differs per method (networks,
+target, loss, optimiser steps per batch), so every method goes through this one loop, its checkpoints and resume.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -34,9 +38,9 @@ from .config import ConfigError
 from .data import PairBatches
 from .errors import CfrhError
 from .locations import join
-from .loss import TERMS, LossWeights, loss_terms
-from .model import ALPHA_SCHEDULES, PREPROCESS, CFRHModel, ModelSpec, alpha_for_epoch
-from .similarity import REFINES, RESCALES, SCALES, fused_similarity
+from .model import ALPHA_SCHEDULES, PREPROCESS, CFRHModel, ModelSpec
+from .similarity import REFINES, RESCALES, SCALES, WEIGHTINGS
+from .trainers import METHOD_NAMES, PUBLISHED, SHARED_KEYS, Trainer, cfrh_step, check_overrides, trainer_for
 
 CHECKPOINT_FORMAT = 1
 MODEL_FORMAT = 1
@@ -45,9 +49,11 @@ PRECISIONS = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
 # Settings that change speed or bookkeeping but not the codes; a run may resume across them.
 RESULT_NEUTRAL = ("bits", "threads", "checkpoint_every")
+MAX_CHECKPOINTS = 100          # checkpoint_every = 0: every epoch, or every few when a run has more epochs than this
 
 BatchCallback = Callable[[int, dict[str, float] | None], None]   # (batches advanced, running mean loss terms)
-EpochCallback = Callable[[int, Callable[[], bytes], list[dict]], None]  # (0-based epoch, checkpoint bytes, history)
+# (0-based epoch, a function making its checkpoint, history, whether to checkpoint now)
+EpochCallback = Callable[[int, Callable[[], bytes], list[dict], bool], None]
 
 
 class TrainError(CfrhError, RuntimeError):
@@ -60,7 +66,10 @@ class TrainConfig:
     pipeline file overrides them and says where its values come from."""
 
     bits: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # the usual benchmark code lengths
+    # what to train: "cfrh", or a baseline with its published settings (cfrh.trainers): "djsrh" | "jdsh" | "dgcpn"
+    method: str = "cfrh"
     epochs: int = 50
+    steps: int = 0                 # > 0: train for this many optimiser steps (whole epochs), not train.epochs
     batch_size: int = 128          # UCMFH; DJSRH/JDSH use 32 (slower on CPU, no better here)
     seed: int = 0
     # optimiser: Adam (UCMFH) converges in far fewer epochs on frozen features than DJSRH/JDSH's SGD
@@ -92,7 +101,8 @@ class TrainConfig:
     gamma: float = 0.1
     eta: float = 0.4
     rescale: str = "none"          # "none" | "affine" (2S−1, JDSH's code)
-    refine: str = "none"           # "none" | "djsrh" (S ← (1−ρ)S + ρ S Sᵀ/n)
+    refine: str = "none"           # "none" | "djsrh" (S ← (1−ρ)S + ρ S Sᵀ/n) | "dgcpn" (batch k-NN coherence)
+    weighting: str = "none"        # "none" | "jdsh" (JDSH's distribution-based push, batch thresholds)
     refine_weight: float = 0.4     # ρ; DJSRH's η for MIRFLICKR
     # loss weights (cfrh.loss): JDSH's INTRA = 0.1 and cross = 1
     w_intra: float = 0.1
@@ -105,7 +115,12 @@ class TrainConfig:
     window_blocks: int = 8         # storage blocks per shuffling window when streaming
     drop_last: bool = True         # similarity needs full batches (DJSRH/JDSH drop the last one)
     threads: int = 0               # torch threads; 0 = the idle cores this process may use (auto_threads)
-    checkpoint_every: int = 1      # epochs between checkpoints (the last epoch always writes one)
+    # epochs between checkpoints (the last epoch always writes one); 0: every epoch, at most MAX_CHECKPOINTS
+    checkpoint_every: int = 0
+    # a baseline's published settings changed by name ([train.djsrh] epochs = 20); CFRH ignores them
+    djsrh: dict = field(default_factory=dict)
+    jdsh: dict = field(default_factory=dict)
+    dgcpn: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, table: dict[str, Any], where: str = "[train]") -> "TrainConfig":
@@ -118,6 +133,9 @@ class TrainConfig:
         values: dict[str, Any] = {}
         for name, value in table.items():
             default = getattr(defaults, name)
+            if isinstance(default, dict):    # a baseline's sub-table, checked in check()
+                values[name] = value
+                continue
             ok = (isinstance(value, bool) if isinstance(default, bool)
                   else isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int)
                   else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
@@ -135,22 +153,37 @@ class TrainConfig:
         choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "alpha_schedule": ALPHA_SCHEDULES,
                    "image_preprocess": PREPROCESS, "text_preprocess": PREPROCESS,
                    "rescale": RESCALES, "refine": REFINES, "precision": PRECISIONS,
-                   "similarity_scale": SCALES}
+                   "similarity_scale": SCALES, "weighting": WEIGHTINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{where}: train.{name} = {getattr(self, name)!r}; "
                                   f"choose one of {', '.join(allowed)}")
         if not self.bits or any(b <= 0 or b % 8 for b in self.bits):
             raise ConfigError(f"{where}: bits {self.bits} must be positive multiples of 8 (codes are stored packed)")
-        for name in ("epochs", "batch_size", "checkpoint_every", "window_blocks"):
+        if self.method not in METHOD_NAMES:
+            raise ConfigError(f"{where}: train.method = {self.method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        for method in PUBLISHED:
+            problem = check_overrides(method, getattr(self, method), where)
+            if problem:
+                raise ConfigError(problem)
+        for name in ("epochs", "batch_size", "window_blocks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}: train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}: train.{name} must be 0 or more, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise ConfigError(f"{where}: train.batch_size must be at least 2 (the loss compares pairs in a batch)")
 
     def result_config(self) -> dict[str, Any]:
-        """The settings that determine the codes (what a resumed run must share with its checkpoint)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESULT_NEUTRAL}
+        """The settings that determine the codes (what a resumed run must share with its checkpoint). A baseline's
+        are its own sub-table and the keys every method shares; CFRH's are the rest."""
+        values = dataclasses.asdict(self)
+        if self.method == "cfrh":
+            keep = set(values) - set(PUBLISHED)
+        else:
+            keep = {"method", self.method, *SHARED_KEYS}
+        return {k: v for k, v in values.items() if k in keep and k not in RESULT_NEUTRAL}
 
 
 def make_optimizer(model: CFRHModel, config: TrainConfig) -> torch.optim.Optimizer:
@@ -166,30 +199,34 @@ def make_optimizer(model: CFRHModel, config: TrainConfig) -> torch.optim.Optimiz
     return cls(groups, lr=config.lr_image, weight_decay=config.weight_decay, fused=True)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> None:
-    factor = 1.0 if config.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * epoch / config.epochs))
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int,
+                      epochs: int | None = None) -> None:
+    epochs = epochs or config.epochs
+    factor = 1.0 if config.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * epoch / epochs))
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
 
 
 def training_step(model: CFRHModel, optimizer: torch.optim.Optimizer, image: torch.Tensor, text: torch.Tensor,
-                  alpha: float, config: TrainConfig, weights: LossWeights) -> dict[str, torch.Tensor]:
-    """One batch: similarity target, both autoencoders, the loss terms, one optimiser step."""
-    f_image, f_text = model.prepare_image(image), model.prepare_text(text)
-    with torch.no_grad():
-        target = fused_similarity(f_image, f_text, mu=config.mu, beta=config.beta, gamma=config.gamma,
-                                  eta=config.eta, rescale=config.rescale, refine=config.refine,
-                                  refine_weight=config.refine_weight, scale=config.similarity_scale)
-    # bfloat16 runs the autoencoders' matmuls at the CPU's bf16 rate; similarity and loss stay float32.
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
-        _, code_image, recon_image = model.image(f_image, alpha)
-        _, code_text, recon_text = model.text(f_text, alpha)
-    terms = loss_terms(code_image.float(), code_text.float(), target, recon_image.float(), f_image,
-                       recon_text.float(), f_text, weights)
-    optimizer.zero_grad(set_to_none=True)
-    terms["total"].backward()
-    optimizer.step()
-    return terms
+                  alpha: float, config: TrainConfig, weights: Any) -> dict[str, torch.Tensor]:
+    """One CFRH batch: similarity target, both autoencoders, the loss terms, one optimiser step
+    (:func:`cfrh.trainers.cfrh_step`)."""
+    return cfrh_step(model, optimizer, image, text, alpha, config, weights)
+
+
+def epoch_batches(data: PairBatches, epoch: int, positions: bool
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(image, text, positions in the training set or None) of one epoch. With ``positions`` the data must be
+    in memory: the batches are cut from the same seeded order as :meth:`PairBatches.epoch`."""
+    if not positions:
+        for image, text in data.epoch(epoch):
+            yield image, text, None
+        return
+    order = torch.from_numpy(np.random.default_rng([data.seed, epoch]).permutation(len(data.rows)))
+    stop = len(order) // data.batch_size * data.batch_size if data.drop_last else len(order)
+    for start in range(0, stop, data.batch_size):
+        idx = order[start:start + data.batch_size]
+        yield data.image.index_select(0, idx), data.text.index_select(0, idx), idx
 
 
 # -- checkpoints: one safetensors file, the state as tensors and the rest as JSON in its header -----------
@@ -297,7 +334,8 @@ class CFRH:
 
     ``CFRH(bits=64, **settings)``: settings are :class:`TrainConfig`'s keys (the pipeline's ``[train]``
     names), validated here. After :meth:`fit` (or :meth:`load`), :meth:`hash_image` and :meth:`hash_text`
-    give packed codes ``(N, bits/8) uint8`` in one Hamming space."""
+    give packed codes ``(N, bits/8) uint8`` in one Hamming space. ``CFRH(bits=64, method="djsrh")`` trains a
+    baseline instead, with its published settings (:mod:`cfrh.trainers`), through the same loop."""
 
     def __init__(self, bits: int = 64, **settings: Any):
         if "bits" in settings:
@@ -306,6 +344,21 @@ class CFRH:
         self.config = TrainConfig.from_dict({**settings, "bits": [self.bits]}, where="CFRH()")
         self.model_: CFRHModel | None = None
         self.history_: list[dict] = []
+
+    @property
+    def trainer(self) -> Trainer:
+        """What differs per method (:mod:`cfrh.trainers`); ``trainer.config`` is the settings the loop runs with."""
+        return trainer_for(self.config)
+
+    @property
+    def batch_size(self) -> int:
+        """The batch the method trains with (a baseline's published one, else ``train.batch_size``)."""
+        return self.trainer.config.batch_size
+
+    def checkpoint_interval(self, epochs: int) -> int:
+        """Epochs between checkpoints: ``train.checkpoint_every``, or (0) every epoch of a run of up to
+        MAX_CHECKPOINTS epochs, every few of a longer one (a step budget on a small training set)."""
+        return self.config.checkpoint_every or max(1, math.ceil(epochs / MAX_CHECKPOINTS))
 
     def __repr__(self) -> str:
         changed = {k: v for k, v in dataclasses.asdict(self.config).items()
@@ -324,10 +377,10 @@ class CFRH:
         if image.shape[0] != text.shape[0]:
             raise ValueError(f"image_features has {image.shape[0]} rows and text_features {text.shape[0]}; "
                              f"rows must be paired")
-        if self.config.drop_last and image.shape[0] < self.config.batch_size:
+        if self.config.drop_last and image.shape[0] < self.batch_size:
             raise ValueError(f"{image.shape[0]} training pairs are fewer than batch_size = "
-                             f"{self.config.batch_size}; pass a smaller batch_size")
-        batches = PairBatches.from_arrays(image, text, self.config.batch_size, seed=self.config.seed,
+                             f"{self.batch_size}; pass a smaller batch_size")
+        batches = PairBatches.from_arrays(image, text, self.batch_size, seed=self.config.seed,
                                           drop_last=self.config.drop_last)
         return self.fit_batches(batches, (image.mean(0), text.mean(0)))
 
@@ -336,21 +389,19 @@ class CFRH:
                     on_epoch: EpochCallback | None = None) -> "CFRH":
         """The training loop over any batch source; resumes from :func:`checkpoint_bytes` output when given.
         ``on_epoch`` gets each finished epoch with a function that makes its checkpoint."""
-        config, bits = self.config, self.bits
-        want = self.get_params()
-        spec = ModelSpec(image_dim=data.image_dim, text_dim=data.text_dim, bits=bits,
-                         image_hidden=config.image_hidden, text_hidden=config.text_hidden, dropout=config.dropout,
-                         image_preprocess=config.image_preprocess, text_preprocess=config.text_preprocess)
+        trainer, bits = self.trainer, self.bits
+        config, want = trainer.config, self.get_params()
+        epochs = trainer.epochs(len(data))
+        checkpoint_every = self.checkpoint_interval(epochs)
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(config.threads or auto_threads())
         try:
             # Same seed → same initial weights, whatever ran before in this process.
             torch.manual_seed(config.seed * 1_000_003 + bits)
-            model = CFRHModel(spec)
+            model = CFRHModel(trainer.spec(data.image_dim, data.text_dim, bits))
+            trainer.init_model(model)
             model.set_means(*feature_means)
             optimizer = make_optimizer(model, config)
-            weights = LossWeights(intra=config.w_intra, cross=config.w_cross, recon=config.w_recon,
-                                  pair=config.w_pair)
             start_epoch, history = 0, []
             if resume_from is not None:
                 header, tensors = read_checkpoint(resume_from)
@@ -362,25 +413,36 @@ class CFRH:
                                      + ". Pass --no-resume to start over, or --run NAME for a separate run.")
                 restore_checkpoint(header, tensors, model, optimizer)
                 start_epoch, history = header["epoch"] + 1, list(header["history"])
+            try:
+                trainer.begin(data, model)
+            except ValueError as e:
+                raise TrainError(str(e)) from None
             if on_batch is not None:
                 on_batch(start_epoch * len(data), None)
-            for epoch in range(start_epoch, config.epochs):
+            names: list[str] = []
+            for epoch in range(start_epoch, epochs):
                 t0 = time.perf_counter()
-                alpha = alpha_for_epoch(epoch, config.alpha_schedule, config.epochs, config.alpha_max)
-                set_learning_rate(optimizer, config, epoch)
+                alpha = trainer.alpha(epoch, epochs)
+                set_learning_rate(optimizer, config, epoch, epochs)
                 model.train()
-                sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64)
+                sums: torch.Tensor | None = None
                 n_batches = 0
-                for image, text in data.epoch(epoch):
-                    terms = training_step(model, optimizer, image, text, alpha, config, weights)
-                    sums += torch.stack([terms[k].detach() for k in (*TERMS, "total")]).double()
+                for image, text, positions in epoch_batches(data, epoch, trainer.needs_positions):
+                    terms = trainer.step(model, optimizer, image, text, positions, alpha)
+                    if sums is None:
+                        names = [k for k in terms if k != "total"] + ["total"]
+                        sums = torch.zeros(len(names), dtype=torch.float64)
+                    sums += torch.stack([terms[k].detach().float() for k in names]).double()
                     n_batches += 1
                     if on_batch is not None:
-                        on_batch(1, {"epoch": epoch + 1, **dict(zip((*TERMS, "total"), (sums / n_batches).tolist()))})
+                        on_batch(1, {"epoch": epoch + 1, **dict(zip(names, (sums / n_batches).tolist()))})
+                means = (sums / max(1, n_batches)).tolist() if sums is not None else []
                 history.append({"epoch": epoch + 1, "alpha": alpha, "seconds": round(time.perf_counter() - t0, 4),
-                                **dict(zip((*TERMS, "total"), (sums / max(1, n_batches)).tolist()))})
+                                **dict(zip(names, means))})
                 if on_epoch is not None:
-                    on_epoch(epoch, lambda e=epoch: checkpoint_bytes(model, optimizer, e, want, history), history)
+                    save = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs
+                    on_epoch(epoch, lambda e=epoch: checkpoint_bytes(model, optimizer, e, want, history), history,
+                             save)
         finally:
             torch.set_num_threads(previous_threads)
         self.model_, self.history_ = model.eval(), history
@@ -409,7 +471,8 @@ class CFRH:
         fs.makedirs(root, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         description = {"format": MODEL_FORMAT, "bits": self.bits, "spec": dataclasses.asdict(model.spec),
-                       "train_config": self.get_params(), "history": self.history_, **(extra or {})}
+                       "train_config": self.get_params(), **self.trainer.describe(), "history": self.history_,
+                       **(extra or {})}
         for name, data in (("model.safetensors", st_save(state)),
                            ("model.json", json.dumps(description, indent=2).encode())):
             tmp = join(root, f"{name}.partial-{os.getpid()}")

@@ -2,13 +2,16 @@
 
 Reads from the pipeline's cache (:func:`cfrh.cache.open_pipeline_cache`): ``labels``, the stored
 ``splits/query`` and ``splits/database`` (the same rows for every method and rerun), and from the
-training run (:func:`cfrh.runs.open_run`, refused when it was trained on another cache) its codes. Every bit length is scored in every direction
+training runs (:func:`cfrh.runs.open_run`, refused when trained on another cache) their codes: by default
+every run of the cache — one per method when they were trained with ``cfrh train --method`` — side by side,
+each labelled with its method; ``run=`` picks one or several. Every bit length is scored in every direction
 (image→text, text→image, image→image, text→text: which codes are queries, which the database)
 with :func:`cfrh.metrics.retrieval_metrics`, next to two references that make the numbers
 trustworthy: a baseline scored the same way on the same splits (``random-projection``: the sign of
 a seeded Gaussian projection of the cached features, centred on the training mean, at the same
 bits) and the chance level (the expected score of a random ranking). Writes
-``report/{report.json, report.md, pr_curves.png, topn_precision.png}`` into the run.
+``report/{report.json, report.md, pr_curves.png, topn_precision.png}`` into the first run (``cfrh`` when
+it is among them).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from .data import feature_blocks, feature_mean
 from .errors import CfrhError
 from .metrics import RULE_DEFINITIONS, RULES, MetricError, RetrievalResult, map_k_rule, retrieval_metrics
 from .plots import Series, line_panels
-from .runs import RunStore, open_run
+from .runs import RunError, RunStore, list_runs, open_run
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +209,9 @@ def markdown(report: dict) -> str:
     s, p = report["settings"], report["protocol"]
     cols = table_columns(report)
     head = ["method", "bits", "direction", *(title for _, title in cols)]
-    lines = [f"# Evaluation of `{report['pipeline']}`, run `{report['run']}`", "",
+    runs = [r["label"] for r in report.get("runs", [])] or [report["run"]]
+    lines = [f"# Evaluation of `{report['pipeline']}`, run{'s' if len(runs) > 1 else ''} "
+             + ", ".join(f"`{r}`" for r in runs), "",
              *[f"> **WARNING: {w}**\n" for w in report.get("warnings", [])],
              f"- cache: `{report['cache']}`", f"- created: {report['created']}",
              f"- protocol: {p['n_query']:,} queries, {p['n_database']:,} database items, {p['n_labels']} labels; "
@@ -254,14 +259,43 @@ def figures(report: dict) -> dict[str, bytes]:
                                               markers=False)}
 
 
-def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh", bits: list[int] | None = None,
-             map_k: list[int] | None = None, baseline: str | None = None, directions: list[str] | None = None,
-             write: bool = True, on_batch: Callable[[str, int, int], None] | None = None, *,
-             runs_root: str | None = None, model: str | None = None) -> dict:
-    """Score a run's codes (and the baseline) on the pipeline's protocol; write and return the report.
+def run_label(run: str, info: dict) -> str:
+    """How a run is named in the report: its name, with its method when the name is not the method's."""
+    method = info.get("method") or info.get("config", {}).get("method", "cfrh")
+    return run if run == method else f"{run} ({method})"
 
-    ``bits`` defaults to every complete bit length of the run; ``map_k``, ``baseline`` and
-    ``directions`` override the pipeline's ``[evaluate]`` table."""
+
+def select_runs(runs_root: str | None, cache: FeatureCache, run: str | list[str] | tuple[str, ...] | None
+                ) -> tuple[list[RunStore], list[str]]:
+    """(the runs to score, notes). ``run`` None: every run of this cache (``cfrh`` first), skipping with a note
+    any trained on another cache or split, unless none is left; a name or names: exactly those."""
+    if run is not None:
+        names = [run] if isinstance(run, str) else list(dict.fromkeys(run))
+        return [open_run(runs_root, cache, name) for name in names], []
+    names = sorted(list_runs(runs_root, cache), key=lambda name: (name != "cfrh", name)) or ["cfrh"]
+    stores, notes, errors = [], [], []
+    for name in names:
+        try:
+            stores.append(open_run(runs_root, cache, name))
+        except RunError as e:
+            errors.append(e)
+            notes.append(f"run {name!r} left out: {e}")
+    if not stores:
+        raise errors[0]
+    return stores, notes
+
+
+def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str | list[str] | None = None,
+             bits: list[int] | None = None, map_k: list[int] | None = None, baseline: str | None = None,
+             directions: list[str] | None = None, write: bool = True,
+             on_batch: Callable[[str, int, int], None] | None = None, *,
+             runs_root: str | None = None, model: str | None = None) -> dict:
+    """Score runs' codes (and the baseline) on the pipeline's protocol; write and return the report.
+
+    ``run``: None scores every run of the pipeline's cache side by side (each method's run after ``cfrh train
+    --method``), a name or a list of names those runs; the report goes into the first (``cfrh`` by default).
+    ``bits`` defaults to every bit length some run completed (the first run must have every one asked for);
+    ``map_k``, ``baseline`` and ``directions`` override the pipeline's ``[evaluate]`` table."""
     where = f"{pipeline.path or pipeline.name} [evaluate]"
     config = EvaluateConfig.from_dict(pipeline.evaluate, where)
     overrides = {k: v for k, v in (("map_k", map_k), ("baseline", baseline), ("directions", directions)) if v}
@@ -272,19 +306,21 @@ def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh
     if not cache.has("labels"):
         raise EvaluateError(f"{cache.url}: the cache has no labels, and retrieval metrics need them; evaluate a "
                             f"labelled dataset (or use `cfrh search` to look at results)")
-    store = open_run(runs_root, cache, run)
-    have = store.complete_bits()
-    wanted = sorted(set(bits)) if bits else have
-    missing = [b for b in wanted if b not in have]
+    stores, notes = select_runs(runs_root, cache, run)
+    store = stores[0]
+    complete = {s.name: s.complete_bits() for s in stores}
+    have = complete[store.name]
+    wanted = sorted(set(bits)) if bits else sorted(set().union(*complete.values()))
+    missing = [b for b in wanted if b not in have] if bits else ([] if have else wanted)
     if missing or not wanted:
-        raise EvaluateError(f"{store.url}: run {run!r} has no complete codes for {missing or 'any bit length'} "
+        raise EvaluateError(f"{store.url}: run {store.name!r} has no complete codes for {missing or 'any bit length'} "
                             f"(complete: {have or 'none'}); run `cfrh train {pipeline.name}"
-                            + (f" --bits {','.join(map(str, missing))}" if missing else "") + "` first")
+                            + (f" --bits {','.join(map(str, missing))}" if missing else "")
+                            + (f" --run {store.name}" if store.name != "cfrh" else "") + "` first")
     query, database = cache.split("query"), cache.split("database")
     if not len(query) or not len(database):
         raise EvaluateError(f"{cache.url}: the stored split has {len(query)} queries and {len(database)} database "
                             f"items; re-extract with a [split] that has both")
-    notes = []
     ks = {}
     for name in ("map_k", "precision_k", "topn"):
         value = getattr(config, name)
@@ -296,19 +332,31 @@ def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh
     config = dataclasses.replace(config, map_k=ks["map_k"], precision_k=ks["precision_k"], topn=ks["topn"])
 
     results, curve_data = [], {}
-    methods = [(run, lambda b: load_codes(store, cache, b))]
+    infos = {s.name: s.info() for s in stores}
+    labels = {s.name: run_label(s.name, infos[s.name]) for s in stores}
+    methods = []
+    for s in stores:
+        lacking = [b for b in wanted if b not in complete[s.name]]
+        if lacking and s is not store:
+            notes.append(f"run {s.name!r} has no complete codes for {lacking} bits")
+        methods.append((labels[s.name], [b for b in wanted if b in complete[s.name]],
+                        lambda b, s=s: load_codes(s, cache, b)))
     if config.baseline == "random-projection":
         train_rows = cache.split("train")
-        methods.append((config.baseline, lambda b: random_projection_codes(cache, b, train_rows, config.baseline_seed)))
-    for method, get_codes in methods:
-        for b in wanted:
+        methods.append((config.baseline, wanted,
+                        lambda b: random_projection_codes(cache, b, train_rows, config.baseline_seed)))
+    for method, method_bits, get_codes in methods:
+        for b in method_bits:
             rows, plots = score_codes(get_codes(b), protocol, config, on_batch, task=f"{method} {b} bits")
             results += [{"method": method, "bits": b, "direction": d, **r} for d, r in rows.items()]
             curve_data.setdefault(method, {})[str(b)] = plots
 
-    run_info = store.info()
+    run_info = infos[store.name]
     report = {
-        "format": REPORT_FORMAT, "pipeline": pipeline.name, "run": run, "method": run, "cache": cache.url,
+        "format": REPORT_FORMAT, "pipeline": pipeline.name, "run": store.name, "method": labels[store.name],
+        "runs": [{"run": s.name, "label": labels[s.name], "method": infos[s.name].get("method", "cfrh"),
+                  "url": s.url, "bits": complete[s.name]} for s in stores],
+        "cache": cache.url,
         "run_url": store.url, "cache_fingerprint": cache.fingerprint,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "protocol": {"split": pipeline.split, "n_query": int(len(query)), "n_database": int(len(database)),
@@ -320,7 +368,8 @@ def evaluate(pipeline: Pipeline, cache_root: str | None = None, run: str = "cfrh
                               "recall over queries with a relevant item"},
         "features": {"image": cache.request.get("image", {}), "text": cache.request.get("text", {})},
         "warnings": cache.warnings(),
-        "train_config": run_info.get("config", {}), "notes": notes,
+        "train_config": run_info.get("config", {}),
+        "train_configs": {labels[s.name]: infos[s.name].get("config", {}) for s in stores}, "notes": notes,
         "chance": chance_level(protocol, config), "results": results, "curves": curve_data,
     }
     report["seconds"] = round(time.perf_counter() - t_start, 3)

@@ -24,7 +24,7 @@ from .codes import pack_codes
 from .errors import CfrhError
 
 PREPROCESS = ("none", "l2", "center-l2")
-ALPHA_SCHEDULES = ("sqrt", "linear", "constant")
+ALPHA_SCHEDULES = ("sqrt", "sqrt-progress", "linear", "constant")
 HASH_BLOCK_ROWS = 16384
 
 
@@ -35,10 +35,14 @@ class ModelError(CfrhError, ValueError):
 def alpha_for_epoch(epoch: int, schedule: str = "sqrt", epochs: int = 1, alpha_max: float = 10.0) -> float:
     """The tanh sharpness α for a 0-based epoch.
 
-    ``sqrt``: α = √(epoch + 1), as DJSRH and JDSH; ``linear``: 1 → ``alpha_max`` over the run;
-    ``constant``: ``alpha_max`` throughout."""
+    ``sqrt``: α = √(epoch + 1), as DJSRH and JDSH; ``sqrt-progress``: α² grows linearly from 1 to
+    ``alpha_max``² over the run, α = √(1 + (alpha_max² − 1)·epoch/(epochs − 1)) (``sqrt``'s curve whatever the
+    number of epochs: a 50-epoch run with alpha_max = √50 is ``sqrt``); ``linear``: 1 → ``alpha_max`` over the
+    run; ``constant``: ``alpha_max`` throughout."""
     if schedule == "sqrt":
         return math.sqrt(epoch + 1.0)
+    if schedule == "sqrt-progress":
+        return math.sqrt(1.0 + (alpha_max ** 2 - 1.0) * epoch / max(1, epochs - 1))
     if schedule == "linear":
         return 1.0 + (alpha_max - 1.0) * epoch / max(1, epochs - 1)
     if schedule == "constant":
@@ -64,18 +68,21 @@ def _mlp(widths: list[int], dropout: float) -> nn.Sequential:
 
 
 class ModalityAutoencoder(nn.Module):
-    """Encoder feature → hidden → k hash logits h; decoder relaxed code → mirrored hidden → feature."""
+    """Encoder feature → hidden → k hash logits h; decoder relaxed code → mirrored hidden → feature.
 
-    def __init__(self, in_dim: int, hidden: list[int], bits: int, dropout: float = 0.0):
+    ``decoder=False`` leaves the decoder out: the hash networks of DJSRH, JDSH and DGCPN
+    (:mod:`cfrh.trainers`), whose reconstruction is None."""
+
+    def __init__(self, in_dim: int, hidden: list[int], bits: int, dropout: float = 0.0, decoder: bool = True):
         super().__init__()
         self.encoder = _mlp([in_dim, *hidden, bits], dropout)
-        self.decoder = _mlp([bits, *reversed(hidden), in_dim], 0.0)
+        self.decoder = _mlp([bits, *reversed(hidden), in_dim], 0.0) if decoder else None
 
-    def forward(self, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(h, relaxed code, reconstruction)."""
+    def forward(self, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(h, relaxed code, reconstruction or None without a decoder)."""
         h = self.encoder(x)
         b = relaxed_codes(h, alpha)
-        return h, b, self.decoder(b)
+        return h, b, None if self.decoder is None else self.decoder(b)
 
 
 @dataclass
@@ -90,6 +97,7 @@ class ModelSpec:
     dropout: float = 0.0
     image_preprocess: str = "l2"
     text_preprocess: str = "l2"
+    decoder: bool = True           # False: hash networks only (the baselines; a model.json without the key has one)
 
     def __post_init__(self) -> None:
         if self.bits <= 0 or self.bits % 8:
@@ -118,8 +126,8 @@ class CFRHModel(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        self.image = ModalityAutoencoder(spec.image_dim, list(spec.image_hidden), spec.bits, spec.dropout)
-        self.text = ModalityAutoencoder(spec.text_dim, list(spec.text_hidden), spec.bits, spec.dropout)
+        self.image = ModalityAutoencoder(spec.image_dim, list(spec.image_hidden), spec.bits, spec.dropout, spec.decoder)
+        self.text = ModalityAutoencoder(spec.text_dim, list(spec.text_hidden), spec.bits, spec.dropout, spec.decoder)
         self.register_buffer("image_mean", torch.zeros(spec.image_dim))
         self.register_buffer("text_mean", torch.zeros(spec.text_dim))
 

@@ -23,15 +23,30 @@ Two optional adjustments, both off by default:
     lie in [0, 1], so that unrelated pairs get negative targets).
 ``refine = "djsrh"``
     S ← (1 − ρ) S + ρ S Sᵀ / n, DJSRH's second-order "neighbours agree" term, ρ = ``refine_weight``.
+``refine = "dgcpn"``
+    DGCPN's graph-neighbour coherence within the batch: P = each row's k = ⌈.4 n⌉ largest entries but itself,
+    as a distribution (:func:`cfrh.methods.dgcpn.neighbour_distribution`), S ← (1 − ρ) S + ρ · .8 n · P Pᵀ
+    (DGCPN's a2 = ρ, its k and scale as the same fractions of the n rows).
+``weighting = "jdsh"``
+    JDSH's distribution-based weighting with thresholds from the batch's own distribution instead of
+    MIRFLICKR's constants: off-diagonal values below its 13th percentile are pushed away from the mean by
+    1 + .1 e^{−(s − min)}, above its 98th by 1 + .2 e^{s − max} (JDSH's left/right thresholds, loc − 2·scale and
+    loc + 4·scale of Gumbel fits, sit at about those quantiles; L1 = .1, L2 = .2), applied after the scale.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 RESCALES = ("none", "affine")
-REFINES = ("none", "djsrh")
+REFINES = ("none", "djsrh", "dgcpn")
 SCALES = ("fixed", "batch-std")
+WEIGHTINGS = ("none", "jdsh")
+DGCPN_NEIGHBOURS, DGCPN_SCALE = 0.4, 0.8     # DGCPN's knn and scale as fractions of the rows (cfrh.methods.dgcpn)
+# JDSH's thresholds loc − 2·scale and loc + 4·scale of Gumbel fits are about these quantiles of the distribution
+JDSH_QUANTILES = (0.13, 0.98)
 
 
 def cosine_similarity(x: torch.Tensor) -> torch.Tensor:
@@ -48,15 +63,45 @@ def joint_modal_similarity(s_image: torch.Tensor, s_text: torch.Tensor) -> torch
 
 def offdiagonal_std(s: torch.Tensor) -> torch.Tensor:
     """Standard deviation of the entries of a square matrix off its diagonal (0-d tensor)."""
-    n = s.shape[0]
-    if n < 2:
+    if s.shape[0] < 2:
         return s.new_zeros(())
-    return s.reshape(-1)[1:].reshape(n - 1, n + 1)[:, :-1].std()
+    return offdiagonal(s).std()
+
+
+def offdiagonal(s: torch.Tensor) -> torch.Tensor:
+    """The n(n − 1) entries of a square matrix off its diagonal, as a vector."""
+    n = s.shape[0]
+    return s.reshape(-1)[1:].reshape(n - 1, n + 1)[:, :-1].reshape(-1)
+
+
+def jdsh_weighting(s: torch.Tensor, q_left: float = JDSH_QUANTILES[0], q_right: float = JDSH_QUANTILES[1],
+                   l1: float = 0.1, l2: float = 0.2) -> torch.Tensor:
+    """JDSH's weighting (:func:`cfrh.methods.jdsh.weighting`) with thresholds from this matrix's own off-diagonal
+    distribution: left, right = its q_left and q_right quantiles; a value's distance from the mean grows by
+    1 + l1 e^{−(s − min)} below left, by 1 + l2 e^{s − max} above right; the diagonal stays."""
+    off = offdiagonal(s)
+    mean = off.mean()
+    left, right = torch.quantile(off, torch.tensor([q_left, q_right], dtype=off.dtype))
+    # pushed away from the distribution's centre (JDSH multiplies the value itself: its centre is 0 there)
+    low = mean + (s - mean) * (1 + l1 * torch.exp(-(s - off.min())))
+    high = mean + (s - mean) * (1 + l2 * torch.exp(s - off.max()))
+    eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+    return torch.where(eye, s, torch.where(s < left, low, torch.where(s > right, high, s)))
+
+
+def dgcpn_coherence(s: torch.Tensor) -> torch.Tensor:
+    """.8 n · P Pᵀ with P each row's ⌈.4 n⌉ largest entries but itself, normalised (DGCPN, within a batch)."""
+    from .methods.dgcpn import neighbour_distribution
+
+    n = s.shape[0]
+    k = max(2, min(n, math.ceil(DGCPN_NEIGHBOURS * n)))
+    p = neighbour_distribution(s, k)
+    return DGCPN_SCALE * n * (p @ p.T)
 
 
 def fused_similarity(image: torch.Tensor, text: torch.Tensor, *, mu: float, beta: float, gamma: float,
                      eta: float, rescale: str = "none", refine: str = "none",
-                     refine_weight: float = 0.0, scale: str = "fixed") -> torch.Tensor:
+                     refine_weight: float = 0.0, scale: str = "fixed", weighting: str = "none") -> torch.Tensor:
     """S = μ(β S_I + γ S_T + η S_c) for a batch of paired features (see the module docstring); with
     ``scale = "batch-std"`` the sum in brackets is first divided by its off-diagonal standard deviation."""
     if rescale not in RESCALES:
@@ -65,6 +110,8 @@ def fused_similarity(image: torch.Tensor, text: torch.Tensor, *, mu: float, beta
         raise ValueError(f"refine must be one of {REFINES}, got {refine!r}")
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     s_i, s_t = cosine_similarity(image), cosine_similarity(text)
     if rescale == "affine":
         s_i, s_t = 2 * s_i - 1, 2 * s_t - 1
@@ -73,8 +120,12 @@ def fused_similarity(image: torch.Tensor, text: torch.Tensor, *, mu: float, beta
         fused = fused + eta * joint_modal_similarity(s_i, s_t)
     if refine == "djsrh" and refine_weight:
         fused = (1 - refine_weight) * fused + refine_weight * (fused @ fused.T) / fused.shape[0]
+    elif refine == "dgcpn" and refine_weight:
+        fused = (1 - refine_weight) * fused + refine_weight * dgcpn_coherence(fused)
     if scale == "batch-std":
         # A batch whose items all look alike has no spread to rescale: leave it as it is.
         spread = offdiagonal_std(fused)
         fused = fused / spread if spread > 1e-6 else fused
+    if weighting == "jdsh":
+        fused = jdsh_weighting(fused)
     return mu * fused

@@ -3,16 +3,17 @@
 Reads only the cache (never images), and never writes into it, so it is cheap to rerun and works on a
 shared read-only cache. For each requested bit length:
 
-1. build a :class:`cfrh.estimator.CFRH` from the pipeline's ``[train]`` table, or resume it from the
-   run's checkpoint (model, optimiser and RNG state: an interrupted run ends with the same codes as an
+1. build a :class:`cfrh.estimator.CFRH` from the pipeline's ``[train]`` table (``train.method``, or ``method=``:
+   CFRH or a baseline with its published settings, :mod:`cfrh.trainers`), or resume it from the run's checkpoint (model, optimiser and RNG state: an interrupted run ends with the same codes as an
    uninterrupted one);
 2. train it over batches streamed from the cache (:class:`cfrh.data.PairBatches`), writing a checkpoint
-   and the loss history into the run after each epoch;
+   and the loss history into the run every ``train.checkpoint_every`` epochs (0: every epoch, or every few of a run with more than 100);
 3. hash every item of the cache (image codes from image features, text codes from text features) into
    the run's ``<bits>/{image,text}_codes.npy``, save the model, mark the bit length complete.
 
-Where a run lives: :class:`cfrh.runs.RunStore` (``<runs root>/<dataset>/<feature key>/<run>``); the run
-records the fingerprint of the cache it was trained on.
+Where a run lives: :class:`cfrh.runs.RunStore` (``<runs root>/<dataset>/<feature key>/<run>``, the run named
+after its method unless given a name); the run records the fingerprint of the cache it was trained on and the
+method, so ``cfrh evaluate`` can put every method's run side by side.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numpy as np
 from .cache import FeatureCache, describe_differences, open_pipeline_cache
 from .config import Pipeline
 from .data import PairBatches, feature_blocks, feature_mean
-from .estimator import CFRH, RESULT_NEUTRAL, TrainConfig, TrainError
+from .estimator import CFRH, TrainConfig, TrainError
 from .runs import RunError, RunStore
 
 log = logging.getLogger(__name__)
@@ -92,16 +93,16 @@ def train_bits(cache: FeatureCache, store: RunStore, data: PairBatches,
         log.info("run %s, %d bits: resuming after epoch %d", store.name, bits, start_epoch)
     store.update_info(complete={str(bits): False})
 
-    def on_epoch(epoch: int, make_checkpoint: Callable[[], bytes], history: list[dict]) -> None:
-        store.update_info(history={str(bits): history})
-        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+    def on_epoch(epoch: int, make_checkpoint: Callable[[], bytes], history: list[dict], save: bool) -> None:
+        if save:
+            store.update_info(history={str(bits): history})
             save_checkpoint(store, bits, make_checkpoint())
 
     est.fit_batches(data, feature_means, resume_from=checkpoint, on_batch=on_batch, on_epoch=on_epoch)
     emit_codes(cache, store, est)
     est.save(store.model_dir(bits), extra={"run": store.name,
                                            "cache": {"url": cache.url, "fingerprint": cache.fingerprint}})
-    store.update_info(complete={str(bits): True})
+    store.update_info(complete={str(bits): True}, history={str(bits): est.history_})
     store.remove(f"{bits}/{CHECKPOINT}")
     history = est.history_
     return {"skipped": False, "resumed_from_epoch": start_epoch, "epochs": len(history),
@@ -110,17 +111,21 @@ def train_bits(cache: FeatureCache, store: RunStore, data: PairBatches,
 
 
 def train(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, bits: list[int] | None = None,
-          run: str = "cfrh", resume: bool = True, *, runs_root: str | os.PathLike | None = None,
-          model: str | None = None, on_progress: ProgressCallback | None = None) -> dict:
+          run: str | None = None, resume: bool = True, *, runs_root: str | os.PathLike | None = None,
+          model: str | None = None, method: str | None = None, on_progress: ProgressCallback | None = None) -> dict:
     """Train every requested bit length of a pipeline from its cache into a run; returns a per-bit summary.
 
-    ``model`` picks the feature cache when the root holds several (:func:`cfrh.cache.resolve_feature_key`);
-    ``on_progress`` receives batch counts and running losses (nothing is drawn without it)."""
+    ``method`` (default ``train.method``, "cfrh") trains CFRH or a baseline (``djsrh``, ``jdsh``, ``dgcpn``) with its
+    published settings; ``run`` defaults to the method's name. ``model`` picks the feature cache when the root
+    holds several (:func:`cfrh.cache.resolve_feature_key`); ``on_progress`` receives batch counts and running
+    losses (nothing is drawn without it)."""
     where = f"{pipeline.path or pipeline.name} [train]"
     config = TrainConfig.from_dict(pipeline.train, where)
-    if bits:
-        config = dataclasses.replace(config, bits=[int(b) for b in bits])
+    if bits or method:
+        config = dataclasses.replace(config, **({"bits": [int(b) for b in bits]} if bits else {}),
+                                     **({"method": method} if method else {}))
         config.check(where)
+    run = run or config.method
     cache = open_pipeline_cache(pipeline, cache_root, model=model)
     try:
         store = RunStore.of(runs_root, cache, run)
@@ -138,24 +143,26 @@ def train(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, bits:
             store.remove(str(b))
         store.update_info(complete={str(b): False for b in config.bits})
     train_rows = cache.split("train")
-    if len(train_rows) < config.batch_size and config.drop_last:
-        raise TrainError(f"{cache.url}: {len(train_rows)} training rows are fewer than train.batch_size = "
-                         f"{config.batch_size}; lower it with --set train.batch_size=N")
-    data = PairBatches(cache, train_rows, config.batch_size, seed=config.seed, in_memory_mb=config.in_memory_mb,
+    batch_size = estimator_for(config, config.bits[0]).batch_size
+    if len(train_rows) < batch_size and config.drop_last:
+        key = "train.batch_size" if config.method == "cfrh" else f"train.{config.method}.batch_size"
+        raise TrainError(f"{cache.url}: {len(train_rows)} training rows are fewer than {key} = {batch_size}; "
+                         f"lower it with --set {key}=N")
+    data = PairBatches(cache, train_rows, batch_size, seed=config.seed, in_memory_mb=config.in_memory_mb,
                        window_blocks=config.window_blocks, drop_last=config.drop_last)
     if data.in_memory:
         feature_means = (data.image.mean(0).numpy(), data.text.mean(0).numpy())
     else:
         feature_means = (feature_mean(cache, "image", data.rows), feature_mean(cache, "text", data.rows))
-    store.update_info(run=run, pipeline=pipeline.name,
+    store.update_info(run=run, pipeline=pipeline.name, method=config.method,
                       cache={"url": cache.url, "fingerprint": cache.fingerprint, "dataset": cache.dataset,
                              "key": cache.key, "split": cache.split_settings},
-                      config={k: v for k, v in dataclasses.asdict(config).items() if k not in RESULT_NEUTRAL},
+                      config=estimator_for(config, config.bits[0]).get_params(),
                       bits=sorted(set(info.get("bits", [])) | set(config.bits)))
-    summary: dict[str, Any] = {"run": run, "cache": cache.url, "runs": store.url, "train_rows": int(len(train_rows)),
-                               "streamed": not data.in_memory, "bits": {}}
+    summary: dict[str, Any] = {"run": run, "method": config.method, "cache": cache.url, "runs": store.url,
+                               "train_rows": int(len(train_rows)), "streamed": not data.in_memory, "bits": {}}
     for b in config.bits:
-        task, total = f"{b} bits", config.epochs * len(data)
+        task, total = f"{b} bits", estimator_for(config, b).trainer.epochs(len(data)) * len(data)
 
         def on_batch(advance: int, terms: dict[str, float] | None, task=task, total=total) -> None:
             if on_progress is not None:

@@ -11,7 +11,7 @@ from cfrh.codes import pack_codes
 from cfrh.config import ConfigError
 from cfrh.loss import LossWeights, loss_terms, reconstruction_error
 from cfrh.model import CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, relaxed_codes
-from cfrh.similarity import cosine_similarity, fused_similarity, joint_modal_similarity
+from cfrh.similarity import cosine_similarity, dgcpn_coherence, fused_similarity, jdsh_weighting, joint_modal_similarity
 from cfrh.training import TrainConfig
 
 R = 1 / math.sqrt(2)
@@ -63,6 +63,37 @@ def test_fused_similarity_options():
     np.testing.assert_allclose(s.numpy(), 0.75 * base + 0.25 * base @ base.T / 3, atol=1e-12)
     with pytest.raises(ValueError, match="refine"):
         fused_similarity(IMAGE, TEXT, mu=1, beta=1, gamma=1, eta=0, refine="nope")
+    with pytest.raises(ValueError, match="weighting"):
+        fused_similarity(IMAGE, TEXT, mu=1, beta=1, gamma=1, eta=0, weighting="nope")
+
+
+def test_dgcpn_refinement_within_a_batch_by_hand():
+    # 4 rows: k = ⌈.4·4⌉ = 2, so each row keeps its single largest entry besides itself (the diagonal)
+    s = torch.tensor([[1, .6, .8, 0], [.6, 1, .96, .8], [.8, .96, 1, .6], [0, .8, .6, 1]], dtype=torch.float64)
+    p = np.array([[0, 0, 1, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 1, 0, 0]], dtype=float)
+    np.testing.assert_allclose(dgcpn_coherence(s).numpy(), 0.8 * 4 * p @ p.T, atol=1e-12)
+    # through fused_similarity: S_I = S_T = s's cosines, β = 1, γ = η = 0, ρ = .3
+    feats = torch.tensor([[1, 0], [.6, .8], [.8, .6], [0, 1]], dtype=torch.float64)
+    got = fused_similarity(feats, feats, mu=1, beta=1, gamma=0, eta=0, refine="dgcpn", refine_weight=0.3).numpy()
+    np.testing.assert_allclose(got, 0.7 * s.numpy() + 0.3 * 3.2 * p @ p.T, atol=1e-12)
+
+
+def test_jdsh_weighting_with_batch_thresholds_by_hand():
+    s = torch.full((8, 8), 0.1, dtype=torch.float64)
+    s[0, 1] = s[1, 0] = 4.0                     # the one clearly similar pair: above the 98th percentile
+    s[2, 3] = s[3, 2] = -4.0                    # clearly dissimilar pairs: below the 13th
+    s[0, 4] = s[4, 0] = s[5, 6] = s[6, 5] = -1.0
+    s[1, 4] = s[4, 1] = 0.5                     # middling
+    s.fill_diagonal_(9.0)
+    off = s.numpy()[~np.eye(8, dtype=bool)]
+    mean = off.mean()
+    left, right = np.quantile(off, [0.13, 0.98])   # 56 entries: right between .5 and 4, left at .1 (not below it)
+    assert 0.5 < right < 4 and -1 < left <= 0.1
+    want = s.numpy().copy()
+    want[0, 1] = want[1, 0] = mean + (4 - mean) * (1 + 0.2 * np.exp(4 - 4))
+    want[2, 3] = want[3, 2] = mean + (-4 - mean) * (1 + 0.1 * np.exp(-(-4 + 4)))
+    want[0, 4] = want[4, 0] = want[5, 6] = want[6, 5] = mean + (-1 - mean) * (1 + 0.1 * np.exp(-(-1 + 4)))
+    np.testing.assert_allclose(jdsh_weighting(s).numpy(), want, atol=1e-12)
 
 
 # -- loss terms -------------------------------------------------------------------------------------
@@ -114,6 +145,10 @@ def test_alpha_schedules():
     assert [alpha_for_epoch(e) for e in (0, 3, 8)] == [1.0, 2.0, 3.0]   # √(epoch+1)
     assert alpha_for_epoch(0, "linear", 5, 9.0) == 1.0 and alpha_for_epoch(4, "linear", 5, 9.0) == 9.0
     assert alpha_for_epoch(2, "constant", 5, 4.0) == 4.0
+    # sqrt-progress: α² from 1 to alpha_max² over the run; with 50 epochs and alpha_max² = 50 it is sqrt
+    assert [alpha_for_epoch(e, "sqrt-progress", 50, math.sqrt(50)) for e in (0, 3, 49)] == \
+        pytest.approx([1.0, 2.0, math.sqrt(50)])
+    assert alpha_for_epoch(999, "sqrt-progress", 1000, 5.0) == pytest.approx(5.0)
     with pytest.raises(ModelError, match="alpha_schedule"):
         alpha_for_epoch(0, "cosine")
 

@@ -1,4 +1,5 @@
-"""``cfrh evaluate PIPELINE``: the mAP table of a training run, with a report and plots in the cache."""
+"""``cfrh evaluate PIPELINE``: the mAP table of the training runs (every method side by side), with a report and
+plots in the first run."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def _int_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
 @cli.command()
 @pipeline_options
 @runs_option
-@click.option("--run", default="cfrh", show_default=True, help="The training run to evaluate.")
+@click.option("--run", "runs", multiple=True, metavar="NAME",
+              help="A training run to evaluate (repeatable; default: every run of the pipeline's cache, one per "
+                   "method trained, cfrh first). The report goes into the first.")
 @click.option("--bits", multiple=True, callback=_int_list, metavar="N[,N...]",
               help="Bit lengths to evaluate (default: every complete one of the run).")
 @click.option("--topk", multiple=True, callback=_int_list, metavar="K[,K...]",
@@ -34,13 +37,16 @@ def _int_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
 @click.option("--direction", "directions", multiple=True, type=click.Choice(["i2t", "t2i", "i2i", "t2t"]),
               help="Directions to score (default: all four).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
-def evaluate(pipeline: Pipeline, cache_root: str | None, model: str | None, runs_root: str | None, run: str,
+def evaluate(pipeline: Pipeline, cache_root: str | None, model: str | None, runs_root: str | None,
+             runs: tuple[str, ...],
              bits: list[int] | None, topk: list[int] | None, baseline: str | None, directions: tuple[str, ...],
              as_json: bool) -> None:
-    """Score a run's codes on the pipeline's protocol: mAP@all, mAP@K, P@K (stable tie rule and tie-aware),
+    """Score the runs' codes on the pipeline's protocol: mAP@all, mAP@K, P@K (stable tie rule and tie-aware),
     PR curves and top-N precision, for image→text, text→image, image→image and text→text.
 
-    Writes report.json, report.md and PNG plots to the run's report/ folder (under --runs)."""
+    Without --run, every run of the pipeline's cache is scored side by side, labelled with its method (runs
+    trained on another cache or split are left out with a note). Writes report.json, report.md and PNG plots
+    to the first run's report/ folder (under --runs)."""
     from ..evaluation import evaluate as run_evaluate, table_columns, table_rows
 
     with progress() as bar:
@@ -49,7 +55,7 @@ def evaluate(pipeline: Pipeline, cache_root: str | None, model: str | None, runs
         def on_batch(name: str, done: int, total: int) -> None:  # one line: the direction being scored
             bar.update(task, description=name, completed=done, total=total)
 
-        report = run_evaluate(pipeline, cache_root, run=run, bits=bits, map_k=topk, baseline=baseline,
+        report = run_evaluate(pipeline, cache_root, run=list(runs) or None, bits=bits, map_k=topk, baseline=baseline,
                               directions=list(directions) or None, on_batch=on_batch, runs_root=runs_root,
                               model=model)
         bar.update(task, description="scored")
@@ -57,8 +63,9 @@ def evaluate(pipeline: Pipeline, cache_root: str | None, model: str | None, runs
         click.echo(json.dumps({k: v for k, v in report.items() if k != "curves"}, indent=1))
         return
     p = report["protocol"]
-    table = Table(title=f"{report['pipeline']} · run {report['run']} · {p['n_query']:,} queries × "
-                        f"{p['n_database']:,} database items")
+    trained = [r["label"] for r in report["runs"]]
+    table = Table(title=f"{report['pipeline']} · run{'s' if len(trained) > 1 else ''} {', '.join(trained)} · "
+                        f"{p['n_query']:,} queries × {p['n_database']:,} database items")
     for title in ("method", "bits", "direction"):
         table.add_column(title, no_wrap=True)
     for _, title in table_columns(report):
@@ -67,7 +74,7 @@ def evaluate(pipeline: Pipeline, cache_root: str | None, model: str | None, runs
     for row in table_rows(report):
         if previous is not None and row[:2] != previous:
             table.add_section()
-        table.add_row(*row, style="dim" if row[0] != report["method"] else None)
+        table.add_row(*row, style="dim" if row[0] not in trained else None)
         previous = row[:2]
     console.print(table)
     chance = report["chance"]
