@@ -77,3 +77,47 @@ def test_wiki_codes_beat_random_projection(tmp_path, wiki_dir):
     # Measured with these settings: .272 / .552; random projection .157 / .122; DJSRH/DGCPN publish ≈ .23 I→T.
     assert i2t >= 0.24 and t2i >= 0.45, (i2t, t2i)
     assert i2t >= rp_i2t + 0.05 and t2i >= rp_t2i + 0.05, (i2t, rp_i2t, t2i, rp_t2i)
+
+
+# -- benchmarks/quality.py: its datasets and its table ------------------------------------------------------
+def _quality_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_two_view_mirflickr_tags_protocol(tmp_path, mirflickr_dir):
+    """The 1,386 real tags split into two disjoint halves as the two views; 2,000 / 5,000 / 18,015 rows."""
+    q = _quality_module()
+    pipe = q.prepare("mirflickr-tags", mirflickr_dir.parent, tmp_path)
+    cache = open_pipeline_cache(pipe, tmp_path)
+    image, text, labels = cache.read("image"), cache.read("text"), cache.read("labels")
+    assert image.shape == text.shape == (20015, 693) and labels.shape == (20015, 24)
+    from scipy.io import loadmat
+    tags = loadmat(mirflickr_dir / "mirflickr25k-yall.mat")["YAll"]
+    order = np.random.default_rng(0).permutation(1386)
+    np.testing.assert_array_equal(image, tags[:, order[:693]])
+    np.testing.assert_array_equal(text, tags[:, order[693:]])
+    query, train, database = (cache.split(p) for p in ("query", "train", "database"))
+    assert (len(query), len(train), len(database)) == (2000, 5000, 18015)
+    assert not np.intersect1d(query, database).size and np.isin(train, database).all()
+
+
+def test_benchmark_table_and_ratio_line():
+    q = _quality_module()
+    rows = [{"dataset": "d", "method": m, "bits": 16, "seed": s, "i2t_map_all": v + s / 100, "t2i_map_all": w,
+             "i2t_map50": v, "t2i_map50": w, "seconds": 1.0}
+            for m, v, w in (("cfrh", 0.5, 0.4), ("djsrh", 0.4, 0.5), ("jdsh", 0.45, 0.1)) for s in range(3)]
+    summary = q.summarise(rows)
+    assert summary[("d", "cfrh", 16)]["i2t_map_all"] == pytest.approx((0.51, 0.01))
+    ratios = q.ratios(summary, ["d"], [16])
+    assert [(d, b, direction, best) for d, b, direction, _, best in ratios] == [("d", 16, "i2t", "jdsh"),
+                                                                              ("d", 16, "t2i", "djsrh")]
+    assert [r for *_, r, _ in ratios] == pytest.approx([0.51 / 0.46, 0.4 / 0.5])
+    table = "\n".join(q.markdown(summary, ["d"], ["cfrh", "djsrh", "jdsh"], [16]))
+    assert "| cfrh | 16 | 0.510 ± 0.010 | 0.400 ± 0.000 |" in table
