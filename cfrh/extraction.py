@@ -29,6 +29,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -43,11 +44,12 @@ from .splits import SplitError, make_splits
 log = logging.getLogger(__name__)
 
 STAGING = "_progress/image_rows"
+FLAGS = "_progress/image"  # per-block done flags (FeatureCache.blocks_done("image", ...)); attrs: failures by block
 FEATURE_DEFAULTS: dict[str, Any] = {
     "image_model": "precomputed", "random_init": False, "seed": 0, "local_files_only": "auto",
     "device": "auto", "precision": "auto", "batch_size": 32, "workers": "auto", "block_rows": 1024,
     "text": "auto", "min_df": 1, "max_features": 0,
-    "max_image_pixels": 178_956_970, "background": "white",
+    "max_image_pixels": 178_956_970, "background": "white", "preprocess": "auto",
 }
 AUTO_WORKERS_MIN_IMAGES = 2000  # below this, spawning workers costs more than it saves
 VERSIONED = ("cfrh", "torch", "transformers", "zarr", "numpy", "scikit-learn", "pillow", "fsspec")
@@ -136,12 +138,23 @@ def check_pipeline(pipeline: Pipeline) -> dict[str, Any]:
 
 
 def read_pipeline_dataset(pipeline: Pipeline) -> Collection:
-    """The pipeline's dataset, read by its ``[dataset] reader`` with the table's other keys as options."""
+    """The pipeline's dataset, read by its ``[dataset] reader`` with the table's other keys as options. A root
+    that is an fsspec URL goes as it is to a reader that reads URLs (``webdataset``)."""
+    from .datasets.base import READERS, check_reader_options
+
     options = {k: v for k, v in pipeline.dataset.items() if k not in ("reader", "root")}
     root = pipeline.dataset.get("root")
+    reader = pipeline.dataset["reader"]
     if not root:
         raise ExtractError(f"{pipeline.path}: [dataset] needs a 'root' (or pass --set dataset.root=DIR)")
-    return read_dataset(pipeline.dataset["reader"], pipeline.resolve_path(root), **options)
+    if "://" not in str(root):
+        return read_dataset(reader, pipeline.resolve_path(root), **options)
+    check_reader_options(reader, options)
+    if not getattr(READERS[reader], "reads_urls", False):
+        raise ExtractError(f"{pipeline.path or pipeline.name}: [dataset] root = {root!r} is a URL, but the {reader} "
+                           f"reader reads local folders only; copy the dataset to a folder (the webdataset reader "
+                           f"reads shards at a URL)")
+    return READERS[reader](str(root), **options)
 
 
 def dataset_fingerprint(c: Collection) -> str:
@@ -171,8 +184,14 @@ def dataset_fingerprint(c: Collection) -> str:
 
 
 def relative_paths(c: Collection) -> list[str]:
-    """Image paths relative to the dataset root (what the cache stores; absolute paths differ per machine)."""
-    root = c.root.resolve()
+    """Image paths relative to the dataset root (what the cache stores; absolute paths differ per machine); an
+    image inside a shard is ``<shard>/<member>``."""
+    from .features.image import ImageMember
+
+    members = [p for p in c.image_paths or [] if isinstance(p, ImageMember)]
+    if members:
+        return [m.relative_to(c.root) for m in members]
+    root = Path(c.root).resolve()
     out = []
     for p in c.image_paths or []:
         try:
@@ -226,7 +245,7 @@ class _Plan:
         if self.spec is not None:
             from .features.image import QUANTIZATION
 
-            image = {**self.spec.describe(), "precision": self.precision,
+            image = {**self.spec.describe(), "preprocess": self.spec.preprocess, "precision": self.precision,
                      "quantization": QUANTIZATION.get(self.precision or "")}
         else:
             image = {"model": "precomputed", "shape": list(c.image_features.shape), "dtype": "float32"}
@@ -237,7 +256,8 @@ class _Plan:
         return {"dataset": dataset, "image": image, "text": text}
 
 
-def _plan(pipeline: Pipeline, c: Collection, feats: dict[str, Any]) -> _Plan:
+def _plan(pipeline: Pipeline, c: Collection, feats: dict[str, Any], device_here: bool = True) -> _Plan:
+    """What to extract. ``device_here=False``: the device was chosen for a cluster's workers, not this machine."""
     model = str(feats["image_model"])
     plan = _Plan(feats=feats)
     if c.image_features is not None:
@@ -250,40 +270,97 @@ def _plan(pipeline: Pipeline, c: Collection, feats: dict[str, Any]) -> _Plan:
         raise ExtractError(f"{pipeline.path}: the dataset has image files, so features.image_model must name a "
                            f"CLIP model (a hub id such as openai/clip-vit-base-patch32, or a local directory)")
     else:
+        from torch import device as torch_device
+
         from .features.image import resolve_clip, resolve_device, resolve_precision
 
         lfo = feats["local_files_only"]
         plan.spec = resolve_clip(feats["model_location"], local_files_only=None if lfo == "auto" else bool(lfo),
                                  random_init=bool(feats["random_init"]), seed=int(feats["seed"]),
-                                 max_image_pixels=feats["max_image_pixels"], background=feats["background"])
-        plan.device = resolve_device(feats["device"])
+                                 max_image_pixels=feats["max_image_pixels"], background=feats["background"],
+                                 preprocess=str(feats["preprocess"]))
+        plan.device = resolve_device(feats["device"]) if device_here else torch_device(str(feats["device"]))
         plan.precision = resolve_precision(feats["precision"], plan.device)
     if c.text_features is None:
         plan.vectoriser = BowVectoriser.from_settings(feats, c.text_kind, c.vocabulary)
     return plan
 
 
+def image_blocks(cache: FeatureCache, n: int, dim: int, block_rows: int) -> tuple[Any, list[tuple[int, int, int]],
+                                                                                  dict[int, str]]:
+    """The staging array (created, or found on resume), the row blocks still to embed, and the failures of
+    the blocks already done. One chunk per block, so writers of two blocks never touch one chunk."""
+    staging = cache.require_array(STAGING, (n, dim), np.float16, chunk_rows=block_rows)
+    blocks = list(iter_row_blocks(n, block_rows))
+    done = cache.blocks_done("image", len(blocks))
+    return staging, [blk for blk in blocks if not done[blk[0]]], _failures(cache, done)
+
+
+def _failures(cache: FeatureCache, done: np.ndarray) -> dict[int, str]:
+    """Failed rows of the done blocks: per block in the flags' attrs (written by the one process that marks
+    blocks done, never by a worker), and the staging attrs of caches staged before (one dict for all rows)."""
+    out = {int(k): str(v) for k, v in dict(cache.array(STAGING).attrs.get("failures", {})).items()}
+    for b, rows in dict(cache.array(FLAGS).attrs.get("failures", {})).items():
+        if done[int(b)]:
+            out.update({int(k): str(v) for k, v in dict(rows).items()})
+    return out
+
+
+def record_block(cache: FeatureCache, block: int, failures: dict[int, str]) -> None:
+    """Mark a stored block done, with its failed rows (keyed by block, so a redone block replaces its record).
+    The record is written before the flag: a crash in between redoes the block."""
+    if failures:
+        flags = cache.array(FLAGS)
+        record = dict(flags.attrs.get("failures", {}))
+        record[str(block)] = {str(k): v for k, v in sorted(failures.items())}
+        flags.attrs["failures"] = record
+    cache.mark_block_done("image", block)
+
+
+def _batches(pending: list[tuple[int, int, int]], batch_size: int) -> list[np.ndarray]:
+    """Row batches of the pending blocks. Batches never cross a block boundary, so a redone block sees exactly
+    the batches it saw before."""
+    return [np.arange(s, min(s + batch_size, e)) for _, start, e in pending for s in range(start, e, batch_size)]
+
+
+def embed_block_rows(encoder: Any, spec: Any, sources: list[Any], start: int, stop: int, batch_size: int,
+                     workers: int = 0, overlap: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+    """One block's rows embedded: (float16 rows, zero where an image failed; failed row → reason). What a
+    distributed task computes; the single-process loop embeds the same batches in the same order."""
+    from .features.image import embed_decoded, start_decoding
+
+    out = np.zeros((stop - start, spec.dim), dtype=np.float16)
+    failures: dict[int, str] = {}
+    decoded = start_decoding(spec, sources, _batches([(0, 0, stop - start)], batch_size), workers,
+                             pin_memory=encoder.device.type == "cuda", overlap=overlap)
+    try:
+        for rows, emb, reasons in embed_decoded(encoder, decoded):
+            out[rows] = emb
+            bad = reasons != ""
+            failures.update(zip((rows[bad] + start).tolist(), reasons[bad].tolist()))
+    finally:
+        decoded.close()
+    return out, failures
+
+
 def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: ImagesCallback | None,
                     ) -> tuple[dict[int, str], dict[str, Any]]:
     """Image embeddings of every row into the staging array, block by block (resumable).
     Returns (failed row → reason, what this run did: device, precision, throughput)."""
-    from .features.image import embed_decoded, load_clip, start_decoding
+    from .features.image import decoding_overlaps, embed_decoded, load_clip, start_decoding
 
     n, dim = len(c), plan.spec.dim
     block_rows, batch_size = int(plan.feats["block_rows"]), int(plan.feats["batch_size"])
-    staging = cache.require_array(STAGING, (n, dim), np.float16, chunk_rows=block_rows)
-    blocks = list(iter_row_blocks(n, block_rows))
-    done = cache.blocks_done("image", len(blocks))
-    failures = {int(k): str(v) for k, v in dict(staging.attrs.get("failures", {})).items()}
-    pending = [blk for blk in blocks if not done[blk[0]]]
+    staging, pending, failures = image_blocks(cache, n, dim, block_rows)
     if not pending:
         return failures, {}
-    # Batches never cross a block boundary, so a redone block sees exactly the batches it saw before.
-    batches = [np.arange(s, min(s + batch_size, e)) for _, start, e in pending for s in range(start, e, batch_size)]
+    batches = _batches(pending, batch_size)
     total = sum(e - s for _, s, e in pending)
     workers = _workers(plan.feats["workers"], total, gpu=plan.device.type == "cuda")
     # Decoding starts now (worker processes, or the prefetch thread), while the weights load.
-    decoded = start_decoding(plan.spec, c.image_paths or [], batches, workers, pin_memory=plan.device.type == "cuda")
+    overlap = decoding_overlaps(plan.device)
+    decoded = start_decoding(plan.spec, c.image_paths or [], batches, workers,
+                             pin_memory=plan.device.type == "cuda", overlap=overlap)
     try:
         encoder = load_clip(plan.spec, plan.device, plan.precision)
         log.info("extracting %d images in %d blocks (%s, %s, %d workers)", total, len(pending), encoder.device,
@@ -302,10 +379,8 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
             n_done += len(rows)
             if filled == stop - start:
                 staging[start:stop] = buf
-                if block_failures:
-                    failures.update(block_failures)
-                    staging.attrs["failures"] = {str(k): v for k, v in sorted(failures.items())}
-                cache.mark_block_done("image", b)
+                record_block(cache, b, block_failures)
+                failures.update(block_failures)
                 nxt = next(block_iter, None)
                 if nxt is not None:
                     b, start, stop = nxt
@@ -318,6 +393,8 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     # cpu_seconds: this process's CPU time in the image loop (all its threads; not worker processes).
     return failures, {**encoder.info, "workers": workers, "batch_size": batch_size,
+                      "decoding": "worker processes" if workers else "beside the model" if overlap
+                      else "between model calls",
                       "throughput": {"images": n_done, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
                                      "images_per_s": round(n_done / seconds, 3) if seconds > 0 else None}}
 
@@ -362,15 +439,17 @@ def _write_text(cache: FeatureCache, c: Collection, vec: BowVectoriser | None, b
 
 def extract(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, overwrite: bool = False, *,
             model: str | None = None, device: str | None = None, precision: str | None = None,
-            batch_size: int | None = None, workers: int | str | None = None,
-            on_images: ImagesCallback | None = None, on_status: StatusCallback | None = None) -> ExtractResult:
+            batch_size: int | None = None, workers: int | str | None = None, scheduler: str | None = None,
+            preprocess: str | None = None, on_images: ImagesCallback | None = None,
+            on_status: StatusCallback | None = None) -> ExtractResult:
     """Extract (or import) a pipeline's features into ``<cache_root>/<pipeline.name>/<feature key>``.
 
     Resumes an interrupted extraction with the same request; a cache built with another request fails
     with the differing settings unless ``overwrite``. Keyword arguments override ``[features]``.
     A complete cache is only read (so a shared read-only one answers "already complete"); writing holds
     the cache's lock (:func:`cfrh.cache.writer_lock`), so a concurrent extraction of the same cache waits
-    and then finds it complete instead of writing beside it.
+    and then finds it complete instead of writing beside it. ``scheduler`` (``local:N`` or a Dask scheduler
+    address) embeds the images on a Dask cluster (:mod:`cfrh.distributed`); everything else stays here.
     """
     def status(message: str) -> None:
         log.info("%s", message)
@@ -379,8 +458,21 @@ def extract(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, ove
 
     check_pipeline(pipeline)
     feats = feature_settings(pipeline, image_model=model, device=device, precision=precision,
-                             batch_size=batch_size, workers=workers)
+                             batch_size=batch_size, workers=workers, preprocess=preprocess)
     feats["model_location"] = model_location(pipeline, str(feats["image_model"]), from_pipeline=model is None)
+    if scheduler is None:
+        return _extract(pipeline, cache_root, overwrite, feats, status, on_images)
+    from .distributed import Cluster
+
+    with Cluster(scheduler) as cluster:
+        feats["device"] = cluster.device(feats["device"])
+        return _extract(pipeline, cache_root, overwrite, feats, status, on_images, images=cluster.extract_images)
+
+
+def _extract(pipeline: Pipeline, cache_root: str | os.PathLike | None, overwrite: bool, feats: dict[str, Any],
+             status: StatusCallback, on_images: ImagesCallback | None, images: Callable[..., Any] | None = None,
+             ) -> ExtractResult:
+    """:func:`extract` once the settings are known: ``images`` embeds the pending blocks (default: here)."""
     c = read_pipeline_dataset(pipeline)
     if len(c) == 0:
         raise ExtractError(f"{c.root}: the reader found no usable items (dropped: {c.dropped.counts})")
@@ -389,7 +481,7 @@ def extract(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, ove
     except SplitError as e:
         raise ExtractError(f"{pipeline.path or pipeline.name} [split]: {e} (the reader kept {len(c):,} items); "
                            f"fix [split] or --set split.KEY=VALUE") from None
-    plan = _plan(pipeline, c, feats)
+    plan = _plan(pipeline, c, feats, device_here=images is None)
     key = feature_key(str(feats["image_model"]))
     request = plan.request(pipeline, c)
     done = None if overwrite else _complete(cache_root, pipeline.name, key, request, pipeline.split)
@@ -402,7 +494,7 @@ def extract(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, ove
             return done
         cache, resumed = FeatureCache.create(cache_root, pipeline.name, key, request, overwrite)
         status(f"{'resuming' if resumed else 'writing'} {cache.url}")
-        return _extract_into(cache, resumed, pipeline, c, plan, feats, on_images)
+        return _extract_into(cache, resumed, pipeline, c, plan, feats, on_images, images or _extract_images)
 
 
 def _complete(cache_root: str | os.PathLike | None, dataset: str, key: str, request: dict[str, Any],
@@ -424,13 +516,14 @@ def _complete(cache_root: str | os.PathLike | None, dataset: str, key: str, requ
 
 
 def _extract_into(cache: FeatureCache, resumed: bool, pipeline: Pipeline, c: Collection, plan: _Plan,
-                  feats: dict[str, Any], on_images: ImagesCallback | None) -> ExtractResult:
+                  feats: dict[str, Any], on_images: ImagesCallback | None, images: Callable[..., Any],
+                  ) -> ExtractResult:
     """Everything after the cache is open for writing (the caller holds its lock)."""
     block_rows = int(feats["block_rows"])
     failures: dict[int, str] = {}
     image_run: dict[str, Any] = {}
     if plan.spec is not None:
-        failures, image_run = _extract_images(cache, c, plan, on_images)
+        failures, image_run = images(cache, c, plan, on_images)
     dropped = DropReport(list(c.dropped.entries))
     for row, reason in sorted(failures.items()):
         dropped.add(c.ids[row], reason)

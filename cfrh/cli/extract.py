@@ -33,9 +33,14 @@ def _drops_rows(table: Table, dropped: dict[str, Any]) -> None:
               help="Image-decoding worker processes (default: auto).")
 @click.option("--random-weights", is_flag=True,
               help="Build the model's architecture with random weights (benchmarks only; flagged untrained).")
+@click.option("--scheduler", default=None, metavar="local:N|tcp://HOST:PORT",
+              help="Embed the images on a Dask cluster: N local worker processes, or a scheduler's address "
+                   "(pip install 'cfrh[dask]'; the cache must be where every worker can write).")
+@click.option("--preprocess", default=None, metavar="auto|fast|reference",
+              help="Pixels by the fast rule or the model's own image processor (features.preprocess).")
 def extract(pipeline: Pipeline, cache_root: str | None, model: str | None, data_root: str | None, overwrite: bool,
             device: str | None, precision: str | None, batch_size: int | None, workers: int | None,
-            random_weights: bool) -> None:
+            random_weights: bool, scheduler: str | None, preprocess: str | None) -> None:
     """Read a dataset, compute CLIP image features and bag-of-words text features, write the cache.
 
     --model is the CLIP model (a hub id or a local checkpoint directory; overrides features.image_model).
@@ -58,8 +63,8 @@ def extract(pipeline: Pipeline, cache_root: str | None, model: str | None, data_
             bar.update(task, info=message)
 
         result = run_extract(pipeline, cache_root, overwrite=overwrite, model=model, device=device,
-                             precision=precision, batch_size=batch_size, workers=workers, on_images=on_images,
-                             on_status=on_status)
+                             precision=precision, batch_size=batch_size, workers=workers, scheduler=scheduler,
+                             preprocess=preprocess, on_images=on_images, on_status=on_status)
         bar.update(task, info="done" if bar.tasks[task].total else "no images to extract")
     counts = result.counts
     table = Table(title=f"{pipeline.name}: " + ("already complete" if result.already_complete else
