@@ -70,7 +70,8 @@ def _shard_urls(root: str, shards: str | list[str] | None, dropped: DropReport) 
         found = sorted(fs.glob(join(base, "*.tar")))
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in found]
     else:
-        names = [n for pattern in ([shards] if isinstance(shards, str) else list(shards)) for n in expand_braces(pattern)]
+        patterns = [shards] if isinstance(shards, str) else list(shards)
+        names = [n for pattern in patterns for n in expand_braces(pattern)]
     out = []
     for name in names:
         try:
