@@ -42,12 +42,13 @@ in one request.
 
 Pixels (``features.preprocess``, recorded in the cache request): ``reference`` runs the model's own
 image processor; ``fast`` (:class:`PixelRule`) computes the same steps — shorter side resized to the
-processor's edge with its resample filter, centre crop, rescale, normalise — at well under half the
-cost: a JPEG at least twice the edge is decoded DCT-scaled (``draft``) to no less than the edge, only
-the crop is resampled (one ``resize`` with a ``box``), decoders hand over 8-bit crops (a quarter of
-the bytes to pass between processes or to a GPU), and rescale and normalisation are one vectorised
-multiply-add on the model's device. Its embeddings match the reference's to a cosine of 0.9997 or
-more on the COCO sample (``benchmarks/extract.py`` measures both).
+processor's edge with its resample filter, centre crop, rescale, normalise — at 0.58 of the cost per
+core, decode included (1.73× on the 159 COCO-MINI JPEGs): a JPEG at least twice the edge is decoded
+DCT-scaled (``draft``) to no less than the edge, only the crop's columns are resampled (one ``resize``
+with a ``box``), decoders hand over 8-bit crops (a quarter of the bytes to pass between processes or
+to a GPU), and rescale and normalisation are one vectorised multiply-add on the model's device. Below
+twice the edge its pixels are the processor's; its embeddings match the reference's to a cosine of
+0.9997 or more on the COCO sample with the ViT-B/32 architecture (``benchmarks/extract.py``).
 """
 from __future__ import annotations
 
