@@ -77,13 +77,14 @@ def image_encoder(cache: FeatureCache, model: str | None = None, device: str = "
     seed = random_init_seed(str(want.get("weights", "pretrained")))
     decoding = want.get("decoding") or {}   # hash new images decoded as the cache's were
     spec = resolve_clip(str(source), random_init=seed is not None, seed=seed or 0,
-                        max_image_pixels=decoding.get("max_image_pixels"), background=decoding.get("background"))
+                        max_image_pixels=decoding.get("max_image_pixels"), background=decoding.get("background"),
+                        preprocess=want.get("preprocess") or "reference")   # the cache's pixel rule too
     have = spec.describe()
     diff = describe_differences({k: want.get(k) for k in have}, have)
     if diff:
         raise EncodeError(f"{source}: not the image model {cache.url} was extracted with ("
                           + "; ".join(d.replace("asked for", "this one has") for d in diff)
-                          + "); pass --model pointing at that checkpoint")
+                          + "); pass --model-dir pointing at that checkpoint")
     return load_clip(spec, device, want.get("precision") or "auto")
 
 

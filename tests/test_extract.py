@@ -330,7 +330,9 @@ def test_pipeline_decoding_settings_reach_the_cache_and_encoding(tiny_clip, data
     assert sum(n for r, n in reasons.items() if "2600" in r.replace(",", "")) == 4, reasons
     from cfrh.encode import image_encoder
 
-    assert image_encoder(cache, device="cpu").spec.decoding.describe() == decoding
+    spec = image_encoder(cache, device="cpu").spec
+    assert spec.decoding.describe() == decoding
+    assert spec.preprocess == cache.request["image"]["preprocess"] == "fast"   # new images: the cache's pixel rule
 
 
 def test_a_model_given_at_extraction_is_found_by_the_later_stages(tiny_clip, dataset_dir, tmp_path):
