@@ -7,7 +7,8 @@
 
 Every method is trained by the product's own stage (:func:`cfrh.training.train`, ``method=``) from the same
 cached features, with its published settings for a baseline (:mod:`cfrh.trainers`) and the ``[train]``
-defaults (:class:`cfrh.estimator.TrainConfig`, no pipeline table) for cfrh unless ``--set`` says otherwise;
+defaults (:class:`cfrh.estimator.TrainConfig`, no pipeline table) for cfrh unless ``--pipeline-train`` (each
+dataset's own ``[train]`` table: WIKI's exception) or ``--set`` says otherwise;
 codes are scored with :mod:`cfrh.metrics`: mAP@all and mAP@50 under the field's rule (``hits-in-top-k``, the
 ``calculate_top_map`` of DJSRH/JDSH/DGCPN), image→text and text→image, relevant = shares a label, ties in
 database order. Datasets, all real (``--data`` is the folder holding them, default ``../shared/data``):
@@ -129,7 +130,8 @@ def score_codes(cache, codes: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def code_digest(method: str) -> str:
-    """A digest of the code that decides a method's codes, so a rerun never reuses cells of older code."""
+    """A digest of the code that decides a method's codes, so a rerun never reuses cells of older code (the
+    settings it runs with are compared as data, :func:`cell_settings`)."""
     import inspect
 
     from cfrh import data, estimator, model, trainers
@@ -141,20 +143,30 @@ def code_digest(method: str) -> str:
 
         parts += [inspect.getsource(m) for m in (similarity, loss, model, trainers.Trainer, trainers.cfrh_step)]
     elif method != "random-projection":
+        b, d = trainers.BaselineTrainer, trainers.DGCPNTrainer
         parts += [(REPO / "cfrh" / "methods" / f).read_text() for f in ("_common.py", f"{method}.py")]
-        parts += [inspect.getsource(f) for f in (trainers.BaselineTrainer, trainers.DGCPNTrainer, trainers._only)]
+        parts += [inspect.getsource(f) for f in (b.spec, b.alpha, b.target, b.codes, b.step, d.init_model, d.begin,
+                                                 d.target, d.step, trainers._only)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 def cell_settings(cell: dict) -> dict:
-    """The settings that decide the cell's codes (TrainConfig.result_config of the method, overrides applied)."""
+    """The settings that decide the cell's codes: TrainConfig.result_config of the method with the overrides, and
+    what the loop runs with (a baseline's published settings, the epochs and batch it trains)."""
     if cell["method"] == "random-projection":
         return {}
     from cfrh.config import Pipeline, apply_overrides
     from cfrh.estimator import TrainConfig
+    from cfrh.trainers import trainer_for
 
     pipe = apply_overrides(Pipeline(name="x", path=None), cell["overrides"])
-    return TrainConfig.from_dict({**pipe.train, "method": cell["method"], "seed": cell["seed"]}).result_config()
+    config = TrainConfig.from_dict({**pipe.train, "method": cell["method"], "seed": cell["seed"]})
+    trainer = trainer_for(config)
+    if cell["method"] == "cfrh":
+        return config.result_config()
+    loop = ("optimizer", "lr_image", "lr_text", "momentum", "weight_decay", "lr_schedule", "batch_size", "epochs",
+            "max_steps", "image_hidden", "text_hidden", "dropout", "image_preprocess", "text_preprocess", "precision")
+    return {**config.result_config(), "loop": {k: getattr(trainer.config, k) for k in loop}, **trainer.describe()}
 
 
 def cell_key(cell: dict) -> str:
@@ -206,7 +218,7 @@ def summarise(results: list[dict]) -> dict:
     out = {}
     for key, rows in groups.items():
         out[key] = {name: mean_std([r[name] for r in rows])
-                    for name in ("i2t_map_all", "t2i_map_all", "i2t_map50", "t2i_map50", "seconds")}
+                    for name in ("i2t_map_all", "t2i_map_all", "i2t_map50", "t2i_map50", "seconds", "cpu_seconds")}
         out[key]["n"] = len(rows)
     return out
 
@@ -215,8 +227,8 @@ def markdown(summary: dict, datasets: list[str], methods: list[str], bits: list[
     lines = []
     for dataset in datasets:
         lines += [f"### {dataset}", "",
-                  "| method | bits | mAP@all i→t | mAP@all t→i | mAP@50 i→t | mAP@50 t→i | train s | seeds |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | bits | mAP@all i→t | mAP@all t→i | mAP@50 i→t | mAP@50 t→i | train s | CPU s | seeds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for method in [*methods, "random-projection"]:
             for b in bits:
                 s = summary.get((dataset, method, b))
@@ -224,7 +236,8 @@ def markdown(summary: dict, datasets: list[str], methods: list[str], bits: list[
                     continue
                 cells = [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in ("i2t_map_all", "t2i_map_all", "i2t_map50",
                                                                      "t2i_map50")]
-                lines.append(f"| {method} | {b} | " + " | ".join(cells) + f" | {s['seconds'][0]:.1f} | {s['n']} |")
+                lines.append(f"| {method} | {b} | " + " | ".join(cells)
+                             + f" | {s['seconds'][0]:.1f} | {s['cpu_seconds'][0]:.1f} | {s['n']} |")
         lines.append("")
     return lines
 
@@ -255,6 +268,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="train.seed 0 .. N-1 (default 3)")
     ap.add_argument("--quick", action="store_true", help="one cell: --dataset wiki --bits 64 --seeds 1")
     ap.add_argument("--no-random-projection", action="store_true", help="leave out the random-projection rows")
+    ap.add_argument("--pipeline-train", action="store_true",
+                    help="cfrh with each dataset's pipeline [train] table (WIKI's documented exception) instead of "
+                         "the TrainConfig defaults")
     ap.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
                     help="overrides for the cfrh runs (repeatable); baselines keep their published settings")
     ap.add_argument("--work", default=None, help="keep caches, runs and finished cells here (default: a temporary "
@@ -284,9 +300,16 @@ def main() -> None:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    tables = {}
     for d in datasets:               # build every cache once, before any worker starts
         prepare(d, Path(args.data), work / "cache")
-    cells = [{"dataset": d, "method": m, "bits": b, "seed": s, "overrides": list(args.set) if m == "cfrh" else [],
+        if args.pipeline_train and d in ("wiki", "wiki-480", "uci-mfeat"):
+            from cfrh.config import load_pipeline
+
+            table = load_pipeline(d.replace("-480", "")).train
+            tables[d] = [f"train.{k}={json.dumps(v)}" for k, v in table.items()]
+    cells = [{"dataset": d, "method": m, "bits": b, "seed": s,
+              "overrides": [*tables.get(d, []), *args.set] if m == "cfrh" else [],
               "work": str(work), "data": str(args.data)}
              for d in datasets for m in [*methods, *([] if args.no_random_projection else ["random-projection"])]
              for b in bits for s in range(args.seeds)]
@@ -317,7 +340,8 @@ def main() -> None:
             pool.join()
     summary = summarise(results)
     lines = [f"mAP@all and mAP@50 (rule hits-in-top-k), mean ± std over {args.seeds} seed(s); train s = wall seconds "
-             f"of one training run, one thread ({os.cpu_count()} CPUs seen, shared)", "",
+             f"of one training run (one thread; {os.cpu_count()} CPUs seen, shared with other work, so wall times "
+             f"vary), CPU s = its CPU seconds", "",
              *markdown(summary, datasets, methods, bits)]
     cells_ratio = ratios(summary, datasets, bits)
     if cells_ratio:

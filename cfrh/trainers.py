@@ -65,10 +65,12 @@ class Trainer:
 
     # -- what the loop asks ------------------------------------------------------------------------
     def epochs(self, batches_per_epoch: int) -> int:
-        """Epochs of this run: ``train.epochs``, or enough of them for ``train.steps`` optimiser steps."""
-        if self.config.steps:
-            return max(1, math.ceil(self.config.steps / max(1, batches_per_epoch)))
-        return self.config.epochs
+        """Epochs of this run: ``train.epochs``, fewer when they would take more than ``train.max_steps`` optimiser
+        steps (the nearest whole number of epochs to max_steps, at least one)."""
+        c = self.config
+        if c.max_steps and c.epochs * batches_per_epoch > c.max_steps:
+            return max(1, round(c.max_steps / max(1, batches_per_epoch)))
+        return c.epochs
 
     def spec(self, image_dim: int, text_dim: int, bits: int) -> ModelSpec:
         c = self.config
@@ -142,7 +144,7 @@ class BaselineTrainer(Trainer):
         # The loop's settings: the published ones; the [train] table gives only the keys every method shares.
         self.config = dataclasses.replace(
             config, optimizer=s.optimizer, lr_image=s.lr_image, lr_text=s.lr_text, momentum=s.momentum,
-            weight_decay=s.weight_decay, lr_schedule="constant", batch_size=s.batch_size, epochs=s.epochs, steps=0,
+            weight_decay=s.weight_decay, lr_schedule="constant", batch_size=s.batch_size, epochs=s.epochs, max_steps=0,
             image_hidden=list(s.image_hidden), text_hidden=list(s.text_hidden), dropout=s.dropout,
             image_preprocess="none", text_preprocess="none", precision="float32")
         self.full_target: torch.Tensor | None = None
