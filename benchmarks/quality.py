@@ -7,8 +7,7 @@
 
 Every method is trained by the product's own stage (:func:`cfrh.training.train`, ``method=``) from the same
 cached features, with its published settings for a baseline (:mod:`cfrh.trainers`) and the ``[train]``
-defaults (:class:`cfrh.estimator.TrainConfig`, no pipeline table) for cfrh unless ``--pipeline-train`` (each
-dataset's own ``[train]`` table: WIKI's exception) or ``--set`` says otherwise;
+defaults (:class:`cfrh.estimator.TrainConfig`, no pipeline table) for cfrh unless ``--set`` says otherwise;
 codes are scored with :mod:`cfrh.metrics`: mAP@all and mAP@50 under the field's rule (``hits-in-top-k``, the
 ``calculate_top_map`` of DJSRH/JDSH/DGCPN), image→text and text→image, relevant = shares a label, ties in
 database order. Datasets, all real (``--data`` is the folder holding them, default ``../shared/data``):
@@ -268,9 +267,6 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="train.seed 0 .. N-1 (default 3)")
     ap.add_argument("--quick", action="store_true", help="one cell: --dataset wiki --bits 64 --seeds 1")
     ap.add_argument("--no-random-projection", action="store_true", help="leave out the random-projection rows")
-    ap.add_argument("--pipeline-train", action="store_true",
-                    help="cfrh with each dataset's pipeline [train] table (WIKI's documented exception) instead of "
-                         "the TrainConfig defaults")
     ap.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
                     help="overrides for the cfrh runs (repeatable); baselines keep their published settings")
     ap.add_argument("--work", default=None, help="keep caches, runs and finished cells here (default: a temporary "
@@ -300,16 +296,10 @@ def main() -> None:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    tables = {}
     for d in datasets:               # build every cache once, before any worker starts
         prepare(d, Path(args.data), work / "cache")
-        if args.pipeline_train and d in ("wiki", "wiki-480", "uci-mfeat"):
-            from cfrh.config import load_pipeline
-
-            table = load_pipeline(d.replace("-480", "")).train
-            tables[d] = [f"train.{k}={json.dumps(v)}" for k, v in table.items()]
     cells = [{"dataset": d, "method": m, "bits": b, "seed": s,
-              "overrides": [*tables.get(d, []), *args.set] if m == "cfrh" else [],
+              "overrides": list(args.set) if m == "cfrh" else [],
               "work": str(work), "data": str(args.data)}
              for d in datasets for m in [*methods, *([] if args.no_random_projection else ["random-projection"])]
              for b in bits for s in range(args.seeds)]
