@@ -15,7 +15,7 @@ CPU time per image (extract loop vs forward only), a figure that other load on a
 barely moves, unlike images/s.
 
 Preprocessing, per core (CPU time of one thread, decode included, best of three alternating rounds):
-the fast pixel rule (``features.preprocess = "fast"``: DCT-scaled JPEG, crop-only resample, uint8 crops,
+the fast pixel rule (``features.preprocess = "fast"``: DCT-scaled JPEG, 8-bit resample with torch, uint8 crops,
 normalisation as one multiply-add) against the model's own image processor after the reference decoding,
 and the cosine of the two embeddings of every image with the real architecture, beside the largest pixel
 difference and, for scale, the cosine of a one-pixel shift. Then where the extract loop's time goes: its

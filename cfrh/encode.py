@@ -17,6 +17,7 @@ codes in the run and can be searched with.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .features.image import ClipImageEncoder
     from .runs import RunStore
 
+log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
 # The vectoriser settings that decide which words a text contributes (the manifest's request.text).
 _TOKENISATION = ("kind", "tokens", "lowercase", "binary", "stop_words")
@@ -69,7 +71,7 @@ def random_init_seed(weights: str) -> int | None:
 
 def image_encoder(cache: FeatureCache, model: str | None = None, device: str = "auto") -> "ClipImageEncoder":
     """The CLIP image tower this cache was extracted with, verified against the manifest, on ``device``."""
-    from .features.image import load_clip, resolve_clip
+    from .features.image import PIXEL_RULE, load_clip, resolve_clip
 
     require_computed(cache, "image")
     want = cache.request["image"]
@@ -85,6 +87,10 @@ def image_encoder(cache: FeatureCache, model: str | None = None, device: str = "
         raise EncodeError(f"{source}: not the image model {cache.url} was extracted with ("
                           + "; ".join(d.replace("asked for", "this one has") for d in diff)
                           + "); pass --model-dir pointing at that checkpoint")
+    if spec.preprocess == "fast" and want.get("pixel_rule") != PIXEL_RULE:
+        log.warning("%s was extracted with another fast pixel rule (%s); new images get %r, whose embeddings "
+                    "differ from it by a cosine of ~1e-4", cache.url, want.get("pixel_rule") or "cfrh-fast-1",
+                    PIXEL_RULE)
     return load_clip(spec, device, want.get("precision") or "auto")
 
 

@@ -243,10 +243,12 @@ class _Plan:
                    "options": {k: v for k, v in pipeline.dataset.items() if k not in ("reader", "root")},
                    "fingerprint": dataset_fingerprint(c)}
         if self.spec is not None:
-            from .features.image import QUANTIZATION
+            from .features.image import PIXEL_RULE, QUANTIZATION
 
             image = {**self.spec.describe(), "preprocess": self.spec.preprocess, "precision": self.precision,
                      "quantization": QUANTIZATION.get(self.precision or "")}
+            if self.spec.preprocess == "fast":
+                image["pixel_rule"] = PIXEL_RULE
         else:
             image = {"model": "precomputed", "shape": list(c.image_features.shape), "dtype": "float32"}
         text = self.vectoriser.settings() if self.vectoriser is not None else {

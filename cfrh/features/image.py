@@ -42,13 +42,13 @@ in one request.
 
 Pixels (``features.preprocess``, recorded in the cache request): ``reference`` runs the model's own
 image processor; ``fast`` (:class:`PixelRule`) computes the same steps — shorter side resized to the
-processor's edge with its resample filter, centre crop, rescale, normalise — at 0.58 of the cost per
-core, decode included (1.73× on the 159 COCO-MINI JPEGs): a JPEG at least twice the edge is decoded
-DCT-scaled (``draft``) to no less than the edge, only the crop's columns are resampled (one ``resize``
-with a ``box``), decoders hand over 8-bit crops (a quarter of the bytes to pass between processes or
-to a GPU), and rescale and normalisation are one vectorised multiply-add on the model's device. Below
-twice the edge its pixels are the processor's; its embeddings match the reference's to a cosine of
-0.9997 or more on the COCO sample with the ViT-B/32 architecture (``benchmarks/extract.py``).
+processor's edge with its resample filter, centre crop, rescale, normalise — for less per core, decode
+included (``benchmarks/extract.py``, ``preprocess_vs_reference``): a JPEG at least twice the edge is
+decoded DCT-scaled (``draft``) to no less than the edge, the resize runs on 8-bit pixels with torch's
+antialiased kernels (Pillow's filters within 2 levels), decoders hand over 8-bit crops (a quarter of the
+bytes to pass between processes or to a GPU), and rescale and normalisation are one vectorised
+multiply-add on the model's device. Its embeddings match the reference's to a cosine of 0.999 or more on
+the COCO sample with the ViT-B/32 architecture (tested; the benchmark prints the minimum).
 """
 from __future__ import annotations
 
@@ -95,6 +95,8 @@ HUB_TIMEOUT_S = 3.0  # one TCP connect to the hub: a reachable hub answers in we
 # The decoding rule's version: bump it when decode_image/to_rgb change the pixels of some image, so caches
 # built with the old rule are told apart (it is part of the cache request).
 DECODING_RULE = "cfrh-decode-2: reduced to >= 2x input edge; high bit depth scaled; alpha on background"
+# What the fast pixel rule computes (features.preprocess = "fast"), recorded beside it in the cache request.
+PIXEL_RULE = "cfrh-fast-2: DCT-scaled JPEG >= 2x edge; torch 8-bit antialiased resize; centre crop"
 _STRIP_BYTES = 1 << 22  # PNG strips: about 4 MB of decoded rows at a time
 
 
@@ -505,8 +507,8 @@ def decode_image(source: str | os.PathLike | ImageBytes, decoding: ImageDecoding
 
 def decode_pixels(source: str | os.PathLike | ImageBytes, decoding: ImageDecoding, rule: "PixelRule") -> np.ndarray:
     """An image file → the (H, W, 3) uint8 crop the fast pixel rule feeds the model: decoded as
-    :func:`decode_image` does except that a large JPEG is DCT-scaled down to the rule's edge, then resampled
-    once, crop only. Raises as :func:`decode_image` does."""
+    :func:`decode_image` does except that a large JPEG is DCT-scaled down to the rule's edge, then resized on
+    8-bit pixels and cropped (:meth:`PixelRule.crop`). Raises as :func:`decode_image` does."""
     with _loaded(source, decoding, jpeg_edge=rule.edge) as im:
         plain = im.mode == "RGB" and _reduce_factor(im.size, decoding.edge) == 1
         return rule.crop(im if plain else to_rgb(im, decoding))
@@ -576,17 +578,19 @@ def _fetched(sources: Sequence[Any]) -> list[Any]:
 
 
 # -- the model's pixels, the fast way ----------------------------------------------------------------
+# Pillow filters torch resamples the same way (antialiased when shrinking), by their Pillow numbers.
+_TORCH_RESAMPLE = {int(Image.Resampling.BILINEAR): "bilinear", int(Image.Resampling.BICUBIC): "bicubic"}
+
+
 @dataclass(frozen=True)
 class PixelRule:
-    """What a shortest-edge-resize + centre-crop image processor (CLIP's) computes, as one resample of the
-    crop region and one multiply-add: ``edge`` (the shorter side after resizing), ``size`` (crop height,
-    width), ``resample`` (the processor's PIL filter), per channel ``scale`` = rescale_factor / std and
-    ``offset`` = -mean / std.
+    """What a shortest-edge-resize + centre-crop image processor (CLIP's) computes, as one 8-bit resample and
+    one multiply-add: ``edge`` (the shorter side after resizing), ``size`` (crop height, width), ``resample``
+    (the processor's PIL filter), per channel ``scale`` = rescale_factor / std and ``offset`` = -mean / std.
 
-    The resize box spans the crop's columns in source coordinates, computed with the processor's own output
-    size (``int(edge * long / short)``), so the crop lands on the same pixels; PIL's filter support still
-    reaches past the box, as in the full resize. Differences from the processor: a DCT-scaled JPEG
-    (:func:`decode_pixels`) and the box's floating-point coordinates (±1 level on a few pixels)."""
+    The resize uses the processor's own output size (``int(edge * long / short)``), so the crop lands on the
+    same pixels. Differences from the processor: a DCT-scaled JPEG (:func:`decode_pixels`) and the 8-bit
+    resampling kernel (±2 levels on a few pixels; Pillow's box resample, for other filters: ±1)."""
 
     edge: int
     size: tuple[int, int]
@@ -611,7 +615,11 @@ class PixelRule:
                    scale=tuple(float(d["rescale_factor"]) / std), offset=tuple(-mean / std))
 
     def crop(self, im: Image.Image) -> np.ndarray:
-        """An RGB image → the (H, W, 3) uint8 crop: the crop region resampled once to the crop size."""
+        """An RGB image → the (H, W, 3) uint8 crop: resized as the processor resizes, centre-cropped.
+
+        Bilinear and bicubic (CLIP's) resample with torch's antialiased 8-bit kernels, which follow Pillow's
+        filters (a = −0.5, the same support when shrinking) within 2 levels and run ~3.7× faster than Pillow's
+        bicubic on one core (measured on COCO-MINI); other filters resample the crop box with Pillow."""
         w, h = im.size
         if w <= h:   # the processor's output size (transformers' get_resize_output_image_size)
             new_w, new_h = self.edge, int(self.edge * h / w)
@@ -619,11 +627,14 @@ class PixelRule:
             new_w, new_h = int(self.edge * w / h), self.edge
         ch, cw = self.size
         top, left = (new_h - ch) // 2, (new_w - cw) // 2
-        sx = w / new_w
-        # Columns by the box; rows all resampled, then sliced: Pillow's result for a box that starts below the
-        # first row differs from the full resize's rows by up to ~18 levels (a column offset matches it).
-        box = (left * sx, 0, (left + cw) * sx, h)
-        return np.asarray(im.resize((cw, new_h), Image.Resampling(self.resample), box=box))[top:top + ch]
+        mode = _TORCH_RESAMPLE.get(self.resample)
+        if mode is None:
+            sx, sy = w / new_w, h / new_h
+            box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+            return np.asarray(im.resize((cw, ch), Image.Resampling(self.resample), box=box))
+        pixels = torch.from_numpy(np.array(im)).permute(2, 0, 1).unsqueeze(0)   # channels-last uint8 view
+        resized = F.interpolate(pixels, size=(new_h, new_w), mode=mode, antialias=True)
+        return resized[0, :, top:top + ch, left:left + cw].permute(1, 2, 0).numpy()
 
     def normalise(self, crops: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 crops, on any device → (B, 3, H, W) float32 model input: rescale and normalise
