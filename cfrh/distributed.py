@@ -164,12 +164,14 @@ def _embed_block(spec: Any, device: str, precision: str, threads: int | None, st
     import zarr
 
     from .extraction import embed_block_rows
-    from .features.image import decoding_overlaps
+    from .features.image import decode_threads, decoding_overlaps
 
     t0 = time.perf_counter()
     encoder = _encoder(spec, device, precision, threads)
+    # A Dask worker cannot spawn decoding processes: on a GPU, a pool of decoding threads feeds the model.
     rows, failures = embed_block_rows(encoder, spec, sources, start, stop, batch_size,
-                                      overlap=decoding_overlaps(encoder.device))
+                                      overlap=decoding_overlaps(encoder.device),
+                                      threads=decode_threads(encoder.device))
     zarr.open_array(staging_url, mode="r+")[start:stop] = rows
     return {"block": block, "failures": failures, "images": stop - start, "seconds": time.perf_counter() - t0}
 

@@ -172,7 +172,7 @@ class CodeEncoder:
 
     def image_features(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
         """(float16 embeddings of the images that decode, their input positions, (path, reason) of the rest)."""
-        from .features.image import embed_decoded, start_decoding
+        from .features.image import decode_threads, embed_decoded, start_decoding
 
         if self._image is None:
             self._image = image_encoder(self.cache, self.image_model, self.device)
@@ -183,7 +183,8 @@ class CodeEncoder:
         ok = np.zeros(len(paths), dtype=bool)
         skipped: dict[int, str] = {}
         done = 0
-        decoded = start_decoding(enc.spec, paths, batches, self.workers if len(batches) > 1 else 0)
+        decoded = start_decoding(enc.spec, paths, batches, self.workers if len(batches) > 1 else 0,
+                                 threads=decode_threads(enc.device))
         try:
             for rows, emb, reasons in embed_decoded(enc, decoded):
                 good = reasons == ""

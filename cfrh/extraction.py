@@ -326,7 +326,7 @@ def _batches(pending: list[tuple[int, int, int]], batch_size: int) -> list[np.nd
 
 
 def embed_block_rows(encoder: Any, spec: Any, sources: list[Any], start: int, stop: int, batch_size: int,
-                     workers: int = 0, overlap: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+                     workers: int = 0, overlap: bool = False, threads: int = 1) -> tuple[np.ndarray, dict[int, str]]:
     """One block's rows embedded: (float16 rows, zero where an image failed; failed row → reason). What a
     distributed task computes; the single-process loop embeds the same batches in the same order."""
     from .features.image import embed_decoded, start_decoding
@@ -334,7 +334,7 @@ def embed_block_rows(encoder: Any, spec: Any, sources: list[Any], start: int, st
     out = np.zeros((stop - start, spec.dim), dtype=np.float16)
     failures: dict[int, str] = {}
     decoded = start_decoding(spec, sources, _batches([(0, 0, stop - start)], batch_size), workers,
-                             pin_memory=encoder.device.type == "cuda", overlap=overlap)
+                             pin_memory=encoder.device.type == "cuda", overlap=overlap, threads=threads)
     try:
         for rows, emb, reasons in embed_decoded(encoder, decoded):
             out[rows] = emb
@@ -349,7 +349,7 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
                     ) -> tuple[dict[int, str], dict[str, Any]]:
     """Image embeddings of every row into the staging array, block by block (resumable).
     Returns (failed row → reason, what this run did: device, precision, throughput)."""
-    from .features.image import decoding_overlaps, embed_decoded, load_clip, start_decoding
+    from .features.image import decode_threads, decoding_overlaps, embed_decoded, load_clip, start_decoding
 
     n, dim = len(c), plan.spec.dim
     block_rows, batch_size = int(plan.feats["block_rows"]), int(plan.feats["batch_size"])
@@ -362,7 +362,8 @@ def _extract_images(cache: FeatureCache, c: Collection, plan: _Plan, on_images: 
     # Decoding starts now (worker processes, or the prefetch thread), while the weights load.
     overlap = decoding_overlaps(plan.device)
     decoded = start_decoding(plan.spec, c.image_paths or [], batches, workers,
-                             pin_memory=plan.device.type == "cuda", overlap=overlap)
+                             pin_memory=plan.device.type == "cuda", overlap=overlap,
+                             threads=decode_threads(plan.device))
     try:
         encoder = load_clip(plan.spec, plan.device, plan.precision)
         log.info("extracting %d images in %d blocks (%s, %s, %d workers)", total, len(pending), encoder.device,

@@ -131,3 +131,38 @@ def test_processors_the_rule_cannot_reproduce(tiny_clip):
         pixel_rule(squash, "fast")
     with pytest.raises(ImageSettingsError, match=r"features.preprocess = 'quick'; choose one of auto, fast"):
         pixel_rule(spec.processor, "quick")
+
+
+def test_decoding_threads_give_the_batches_in_order(tiny_clip, tmp_path):
+    """A pool of decoding threads (a GPU Dask worker's) hands over exactly the batches one thread decodes, in
+    order, with the same drop reasons; closing it early stops the pool."""
+    from cfrh.features.image import decode_threads, start_decoding
+
+    spec = resolve_clip(str(tiny_clip), preprocess="fast")
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(23):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        size = (int(rng.integers(20, 90)), int(rng.integers(20, 90)))
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
+    (tmp_path / "5.jpg").write_bytes(b"not a jpeg")
+    batches = [np.arange(s, min(s + 4, len(paths))) for s in range(0, len(paths), 4)]
+
+    def collect(decoded):
+        try:
+            return [(rows.tolist(), pixels.clone(), errors) for rows, pixels, errors in decoded]
+        finally:
+            decoded.close()
+
+    one = collect(start_decoding(spec, paths, batches, overlap=False))
+    pooled = collect(start_decoding(spec, paths, batches, threads=3))
+    assert [r for r, _, _ in pooled] == [b.tolist() for b in batches]
+    for (rows, pixels, errors), (_, want_pixels, want_errors) in zip(pooled, one):
+        assert torch.equal(pixels, want_pixels) and errors == want_errors
+    assert pooled[1][2][1].startswith("image decode failed")
+    early = start_decoding(spec, paths, batches, threads=3)
+    next(iter(early))
+    early.close()
+    import threading
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("cfrh-decode", "cfrh-image-prefetch"))]
+    assert decode_threads(torch.device("cpu")) == 1

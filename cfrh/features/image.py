@@ -52,9 +52,12 @@ the COCO sample with the ViT-B/32 architecture (tested; the benchmark prints the
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import io
+import itertools
 import logging
 import os
 import queue
@@ -998,6 +1001,9 @@ class Prefetch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+        close = getattr(self._iterable, "close", None)   # a generator (decoding threads): shut its pool down now
+        if close is not None:
+            close()
         self._iterable = None
 
 
@@ -1017,17 +1023,55 @@ def image_loader(dataset: ImageBatches, workers: int, pin_memory: bool = False) 
                                        pin_memory=pin_memory, **kwargs)
 
 
+def decode_threads(device: torch.device) -> int:
+    """Threads decoding beside the model when no worker processes do (a Dask worker cannot spawn them): on a GPU
+    the host feeds the model, so every core this process's share of the machine has but one (the GPUs of the
+    machine split its cores, at most 16 each); on the CPU one (decoding runs between model calls there)."""
+    if device.type != "cuda":
+        return 1
+    share = (os.cpu_count() or 2) // max(1, torch.cuda.device_count())
+    return max(1, min(16, share - 1))
+
+
+def _in_threads(data: "ImageBatches", threads: int, pin_memory: bool = False
+                ) -> Iterator[tuple[np.ndarray, torch.Tensor, list[str]]]:
+    """The batches of ``data`` decoded by ``threads`` threads, two batches per thread in flight, in order
+    (Pillow's decoders and resampling, torch's resize and numpy copies release the GIL); ``pin_memory``: each
+    batch's pixels in page-locked memory, for a non-blocking copy to the GPU."""
+    def decode(k: int) -> tuple[np.ndarray, torch.Tensor, list[str]]:
+        rows, pixels, errors = data[k]
+        return rows, (pixels.pin_memory() if pin_memory else pixels), errors
+
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cfrh-decode") as pool:
+        items = iter(range(len(data)))
+        pending = collections.deque(pool.submit(decode, k) for k in itertools.islice(items, 2 * threads))
+        try:
+            while pending:
+                batch = pending.popleft().result()
+                k = next(items, None)
+                if k is not None:
+                    pending.append(pool.submit(decode, k))
+                yield batch
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def start_decoding(spec: ClipSpec, sources: Sequence[str | os.PathLike | ImageMember], batches: Sequence[np.ndarray],
-                   workers: int = 0, pin_memory: bool = False, overlap: bool = True) -> Prefetch | "Inline":
+                   workers: int = 0, pin_memory: bool = False, overlap: bool = True,
+                   threads: int = 1) -> Prefetch | "Inline":
     """Begin decoding and preprocessing ``batches`` (row-index arrays into ``sources``) ahead of the model:
-    in ``workers`` spawned processes, or in the prefetch thread when 0. Call it before loading the weights
-    so the first batches are ready when the model is; close the result when done.
+    in ``workers`` spawned processes, or when 0 in the prefetch thread (``threads`` > 1: a pool of that many
+    threads behind it, :func:`decode_threads`). Call it before loading the weights so the first batches are
+    ready when the model is; close the result when done.
 
     ``overlap=False`` with no workers decodes each batch in the consuming thread, when it is asked for
     (:func:`decoding_overlaps` says when that is faster)."""
     data = ImageBatches(sources, batches, spec.processor, spec.pixel_shape, spec.decoding, spec.pixels)
     if workers == 0 and not overlap:
         return Inline(data)
+    if workers == 0 and threads > 1:
+        return Prefetch(_in_threads(data, threads, pin_memory), depth=2 * threads)
     return Prefetch(iter(image_loader(data, workers, pin_memory=pin_memory)))
 
 
