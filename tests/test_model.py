@@ -10,7 +10,8 @@ import torch
 from cfrh.codes import pack_codes
 from cfrh.config import ConfigError
 from cfrh.loss import LossWeights, loss_terms, reconstruction_error
-from cfrh.model import CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, relaxed_codes
+from cfrh.model import (CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, prepare_features,
+                        relaxed_codes)
 from cfrh.similarity import cosine_similarity, dgcpn_coherence, fused_similarity, jdsh_weighting, joint_modal_similarity
 from cfrh.training import TrainConfig
 
@@ -198,3 +199,15 @@ def test_train_config_validation():
         TrainConfig.from_dict({"bits": [12]})
     with pytest.raises(ConfigError, match="should be a list"):
         TrainConfig.from_dict({"image_hidden": 512})
+
+
+def test_center_l2_keeps_empty_rows_empty():
+    """A row with no feature (no tag, no vocabulary word) is not moved to −mean by centring: it stays zero, so it
+    is like nothing, not like every other empty row."""
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 2.0]])
+    mean = torch.tensor([0.5, 1.5, 0.5])
+    got = prepare_features(x, "center-l2", mean)
+    assert torch.equal(got[0], torch.zeros(3))
+    torch.testing.assert_close(got[1], torch.tensor([0.5, 1.5, -0.5]) / math.sqrt(2.75))
+    torch.testing.assert_close(got[2], torch.tensor([-0.5, -1.5, 1.5]) / math.sqrt(4.75))
+    torch.testing.assert_close(prepare_features(x, "l2", mean)[1], torch.tensor([1.0, 3.0, 0.0]) / math.sqrt(10))
