@@ -159,5 +159,8 @@ def test_benchmark_table_and_ratio_line():
     assert [(d, b, direction, best) for d, b, direction, _, best in ratios] == [("d", 16, "i2t", "jdsh"),
                                                                               ("d", 16, "t2i", "djsrh")]
     assert [r for *_, r, _ in ratios] == pytest.approx([0.51 / 0.46, 0.4 / 0.5])
+    for r in rows:
+        r["cpu_seconds"] = {"cfrh": 3.0, "djsrh": 4.0, "jdsh": 6.0}[r["method"]]
+    assert q.cpu_ratios(q.summarise(rows), ["d", "absent"], [16, 32]) == pytest.approx([0.75])
     table = "\n".join(q.markdown(summary, ["d"], ["cfrh", "djsrh", "jdsh"], [16]))
     assert "| cfrh | 16 | 0.510 ± 0.010 | 0.400 ± 0.000 |" in table
