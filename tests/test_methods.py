@@ -114,6 +114,19 @@ def test_dgcpn_neighbours_and_target_by_hand():
     np.testing.assert_array_equal(dgcpn.batch_target(t(want), torch.tensor([3, 0])).numpy(), [[2.32, -1], [-1, 2.32]])
 
 
+def test_dgcpn_row_without_neighbours_is_zero_not_nan():
+    # Item 0 shares no feature with items 1 and 2 (cosines 0); cos(1, 2) = .6. With k = 2 of 3, every row keeps
+    # its second largest entry: row 0 a 0 (nothing to spread over: the code's 0/0), row 1 column 2, row 2 column 1.
+    feats = t([[1, 0, 0], [0, 1, 0], [0, 0.6, 0.8]])
+    first_order = dgcpn.cosine(feats)
+    p = dgcpn.neighbour_distribution(first_order, 2).numpy()
+    np.testing.assert_array_equal(p, [[0, 0, 0], [0, 0, 1], [0, 1, 0]])
+    settings = dataclasses.replace(dgcpn.MIRFLICKR, neighbour_fraction=0.67)  # k = round(2.01) = 2, scale 2.4
+    # P Pᵀ = diag(0, 1, 1); S = 2(.7 C + .3·2.4 P Pᵀ) − 1 = 1.4 C + 1.44 P Pᵀ − 1: finite everywhere
+    want = [[0.4, -1, -1], [-1, 1.84, -0.16], [-1, -0.16, 1.84]]
+    np.testing.assert_allclose(dgcpn.target(feats, feats, settings).numpy(), want, atol=1e-14)
+
+
 def test_dgcpn_loss_by_hand():
     total, terms = dgcpn.loss(CODES_I, CODES_T, S3, dgcpn.MIRFLICKR)  # K = 1.5, dw = cw = 1
     by_hand = {"pair": ((1 - 1.5) ** 2 + 1.5 ** 2 + 1.5 ** 2) / 3,

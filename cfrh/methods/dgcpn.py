@@ -56,6 +56,11 @@ What the code does that a reader of the method could miss (this module follows t
 * The training loop stops early when mAP@all on a validation split has not improved for more than 10
   evaluations (one per epoch), then tests the best checkpoint; this is not part of the settings here.
 * The pair target K = 1.5 exceeds any cosine, so the pair term keeps pulling paired codes together.
+
+Where this module differs from the code: a row of P with nothing to keep (all its kept first-order entries
+zero) is zero instead of 0/0 = NaN (:func:`neighbour_distribution`). MIRFLICKR's VGG features never give one;
+its tags split in two halves do (2 of the 5,000 training rows), and there the public code's NaN would end
+every run in NaN weights and constant codes.
 """
 from __future__ import annotations
 
@@ -104,12 +109,18 @@ def knn_counts(n: int, settings: Settings) -> tuple[int, int]:
 
 def neighbour_distribution(first_order: torch.Tensor, k: int) -> torch.Tensor:
     """P: in each row keep the k largest entries but the largest (itself), zero the rest, rows summing to 1.
-    As the code: an ascending sort, the first n − k and the last entry zeroed (stable here, for ties)."""
+    As the code: an ascending sort, the first n − k and the last entry zeroed (stable here, for ties).
+
+    A row whose kept entries are all zero (an item that shares no feature with any other: on sparse tags, a
+    tag only it carries) has no neighbours to spread over: its row of P is zero, where the code's division,
+    0/0, makes it NaN, and with it the whole target and, one batch later, every weight. Every other row is the
+    code's, bit for bit."""
     n = first_order.shape[1]
     order = torch.sort(first_order, dim=1, stable=True).indices
     keep = torch.zeros_like(first_order, dtype=torch.bool).scatter_(1, order[:, n - k:n - 1], True)
     kept = torch.where(keep, first_order, torch.zeros_like(first_order))
-    return kept / kept.sum(dim=1, keepdim=True)
+    total = kept.sum(dim=1, keepdim=True)
+    return torch.where(total != 0, kept / total, torch.zeros_like(kept))
 
 
 def target(image_features: torch.Tensor, text_features: torch.Tensor, settings: Settings) -> torch.Tensor:
