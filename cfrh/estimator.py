@@ -57,7 +57,7 @@ EpochCallback = Callable[[int, Callable[[], bytes], list[dict], bool], None]
 
 
 class TrainError(CfrhError, RuntimeError):
-    """Training cannot start or resume as asked; the message says what differs and what to pass."""
+    """Training cannot start, resume or go on as asked; the message says what differs and what to pass."""
 
 
 @dataclass
@@ -449,6 +449,14 @@ class CFRH:
                     n_batches += 1
                     if on_batch is not None:
                         on_batch(1, {"epoch": epoch + 1, **dict(zip(names, (sums / n_batches).tolist()))})
+                if sums is not None and not torch.isfinite(sums).all():
+                    # A NaN loss makes every later weight NaN and every code the same: stop before anything
+                    # of this epoch is kept (an earlier checkpoint stays as it was).
+                    bad = [n for n, v in zip(names, sums.tolist()) if not math.isfinite(v)]
+                    key = "train." if trainer.name == "cfrh" else f"train.{trainer.name}."
+                    raise TrainError(f"training diverged in epoch {epoch + 1} of {epochs} at {bits} bits: the loss "
+                                     f"terms {', '.join(bad)} are not finite; nothing of this epoch was saved. "
+                                     f"Lower the learning rates ({key}lr_image, {key}lr_text) and train again")
                 means = (sums / max(1, n_batches)).tolist() if sums is not None else []
                 history.append({"epoch": epoch + 1, "alpha": alpha, "seconds": round(time.perf_counter() - t0, 4),
                                 **dict(zip(names, means))})

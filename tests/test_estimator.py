@@ -12,6 +12,7 @@ import cfrh
 from cfrh import CFRH
 from cfrh.cache import FeatureCache
 from cfrh.config import ConfigError, Pipeline
+from cfrh.estimator import TrainError
 from cfrh.runs import RunStore
 
 SETTINGS = {"epochs": 3, "batch_size": 32, "image_hidden": [16], "text_hidden": [12], "threads": 1, "seed": 0}
@@ -68,6 +69,20 @@ def test_same_settings_same_codes_and_settings_are_validated():
         CFRH(bits=16).hash_text(text)
     with pytest.raises(ValueError, match="fewer than batch_size"):
         CFRH(bits=16, **SETTINGS).fit(image[:10], text[:10])
+
+
+def test_a_diverging_run_stops_with_the_fix_instead_of_saving_nan_codes():
+    # SGD at lr 1e30 overflows the weights in the first epoch; without the check the run "finished" with a NaN
+    # history and one code for every item.
+    image, text, _ = paired()
+    diverging = CFRH(bits=8, **{**SETTINGS, "optimizer": "sgd", "lr_image": 1e30, "lr_text": 1e30})
+    with pytest.raises(TrainError, match=r"diverged in epoch 1 of 3 at 8 bits: the loss terms .*total are not "
+                                         r"finite.*\(train\.lr_image, train\.lr_text\)"):
+        diverging.fit(image, text)
+    assert diverging.model_ is None
+    baseline = CFRH(bits=8, method="djsrh", threads=1, djsrh={"lr_image": 1e30, "lr_text": 1e30, "epochs": 2})
+    with pytest.raises(TrainError, match=r"\(train\.djsrh\.lr_image, train\.djsrh\.lr_text\)"):
+        baseline.fit(image, text)
 
 
 def test_the_pipeline_stage_trains_the_same_model_as_the_estimator(tmp_path):
