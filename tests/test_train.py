@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import cfrh.estimator as estimator_mod
@@ -90,6 +91,39 @@ def test_streaming_reads_storage_blocks_together(tmp_path):
     data = PairBatches(cache, cache.split("train"), 25, seed=0, in_memory_mb=0, window_blocks=1)
     first = next(iter(data.epoch(0)))[0][:, 0].numpy().astype(int)
     assert len(set(first // 100)) == 1     # one window = one chunk: the first batch comes from a single chunk
+
+
+def test_joint_anchors_are_seeded_training_rows_prepared_as_a_batch(tmp_path):
+    from cfrh.model import CFRHModel
+    from cfrh.trainers import trainer_for
+
+    cache = make_cache(tmp_path)
+    rows = cache.split("train")
+    drawn = {}
+    for seed in (0, 1):
+        for in_memory_mb in (2048, 0):
+            trainer = trainer_for(TrainConfig.from_dict({**SMALL, "seed": seed, "joint_anchors": 40}))
+            data = PairBatches(cache, rows, 32, seed=seed, in_memory_mb=in_memory_mb)
+            model = CFRHModel(trainer.spec(data.image_dim, data.text_dim, 8))
+            model.set_means(cache.read("image", rows).mean(0), cache.read("text", rows).mean(0))
+            trainer.begin(data, model)
+            image, text = trainer.anchors
+            assert image.shape == (40, 16) and text.shape == (40, 20)
+            # which training row each anchor is: its prepared text matches exactly one prepared training text
+            raw_t = cache.read("text", rows).astype(np.float32)
+            prepared = model.prepare_text(torch.from_numpy(raw_t)).numpy()
+            picked = [int(np.flatnonzero(np.all(np.isclose(prepared, a, atol=1e-6), axis=1))[0]) for a in text.numpy()]
+            assert len(set(picked)) == 40 and picked == sorted(picked)     # 40 distinct training rows, in order
+            np.testing.assert_allclose(image.numpy(), model.prepare_image(
+                torch.from_numpy(cache.read("image", rows[picked]).astype(np.float32))).numpy(), atol=1e-6)
+            drawn[seed, in_memory_mb] = picked
+    assert drawn[0, 2048] == drawn[0, 0] and drawn[1, 2048] == drawn[1, 0]   # streamed or in memory: the same
+    assert drawn[0, 2048] != drawn[1, 2048]                                   # another seed, other anchors
+    no_anchors = trainer_for(TrainConfig.from_dict(SMALL))
+    no_anchors.begin(PairBatches(cache, rows, 32), model)
+    assert no_anchors.anchors is None
+    with pytest.raises(Exception, match="joint_anchors must be 0 or more"):
+        TrainConfig.from_dict({"joint_anchors": -1})
 
 
 # -- training -------------------------------------------------------------------------------------------
