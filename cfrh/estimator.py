@@ -112,7 +112,7 @@ class TrainConfig:
     eta: float = 0.3
     rescale: str = "none"          # "none" | "affine" (2S−1, JDSH's code)
     # S_c over the items' similarity profiles against this many training pairs drawn once (seeded), not against
-    # the batch (JDSH; 0). Measured with 4,096: MIRFLICKR tag halves 16 bits +.001..+.002, WIKI and WIKI-480
+    # the batch (JDSH; 0). Measured with 4,096: MIRFLICKR tag halves 16 bits +.000..+.002, WIKI and WIKI-480
     # within ±.002, UCI 16 bits −.006: off.
     joint_anchors: int = 0
     # DGCPN's neighbour coherence (in the batch, ρ = .3): UCI −.04..−.08, WIKI i→t +.005, t→i −.01; JDSH's

@@ -12,7 +12,7 @@ import cfrh.estimator as estimator_mod
 import cfrh.training as train_mod
 from cfrh.cache import FeatureCache
 from cfrh.cli import cli
-from cfrh.config import Pipeline, load_pipeline
+from cfrh.config import ConfigError, Pipeline, load_pipeline
 from cfrh.data import PairBatches
 from cfrh.estimator import CFRH
 from cfrh.runs import RunStore
@@ -122,7 +122,7 @@ def test_joint_anchors_are_seeded_training_rows_prepared_as_a_batch(tmp_path):
     no_anchors = trainer_for(TrainConfig.from_dict(SMALL))
     no_anchors.begin(PairBatches(cache, rows, 32), model)
     assert no_anchors.anchors is None
-    with pytest.raises(Exception, match="joint_anchors must be 0 or more"):
+    with pytest.raises(ConfigError, match="joint_anchors must be 0 or more"):
         TrainConfig.from_dict({"joint_anchors": -1})
 
 
