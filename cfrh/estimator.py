@@ -96,7 +96,8 @@ class TrainConfig:
     # mAP of MIRFLICKR's tag cosines (.588 → .598). Empty rows stay zero (cfrh.model.prepare_features).
     image_preprocess: str = "center-l2"
     text_preprocess: str = "center-l2"
-    # relaxation: tanh(α h) with α = √(epoch+1) (DJSRH/JDSH)
+    # relaxation: tanh(α h) with α = √(stage+1): DJSRH/JDSH's √(epoch+1), over 50 equal stages of the steps
+    # when a run has fewer epochs (cfrh.model.alpha_stage; held at α = 1, as one epoch would be: UCI −.03/−.02)
     alpha_schedule: str = "sqrt"   # "sqrt" | "sqrt-progress" | "linear" | "constant"
     alpha_max: float = 10.0        # end value of "sqrt-progress" and "linear", value of "constant"
     # fused similarity S = μ(β S_I + γ S_T + η S_c). "batch-std" divides the bracket by its off-diagonal std in
@@ -440,12 +441,13 @@ class CFRH:
             names: list[str] = []
             for epoch in range(start_epoch, epochs):
                 t0 = time.perf_counter()
-                alpha = trainer.alpha(epoch, epochs)
                 set_learning_rate(optimizer, config, epoch, epochs)
                 model.train()
                 sums: torch.Tensor | None = None
                 n_batches = 0
-                for image, text, positions in epoch_batches(data, epoch, trainer.needs_positions):
+                alpha = trainer.alpha(epoch, epochs, 0, len(data))
+                for batch, (image, text, positions) in enumerate(epoch_batches(data, epoch, trainer.needs_positions)):
+                    alpha = trainer.alpha(epoch, epochs, batch, len(data))
                     terms = trainer.step(model, optimizer, image, text, positions, alpha)
                     if sums is None:
                         names = [k for k in terms if k != "total"] + ["total"]
@@ -463,6 +465,7 @@ class CFRH:
                                      f"terms {', '.join(bad)} are not finite; nothing of this epoch was saved. "
                                      f"Lower the learning rates ({key}lr_image, {key}lr_text) and train again")
                 means = (sums / max(1, n_batches)).tolist() if sums is not None else []
+                # alpha: the epoch's last (it rises within an epoch when a run has fewer than 50)
                 history.append({"epoch": epoch + 1, "alpha": alpha, "seconds": round(time.perf_counter() - t0, 4),
                                 **dict(zip(names, means))})
                 if on_epoch is not None:

@@ -8,7 +8,7 @@ that differs between methods:
 * the networks (:meth:`Trainer.spec`, :meth:`Trainer.init_model`): CFRH's autoencoders, or the baselines' hash
   networks on the given features, raw (not centred), no decoder;
 * once before training, anything computed over the whole training set (:meth:`Trainer.begin`: DGCPN's target);
-* per epoch the relaxation's α (:meth:`Trainer.alpha`); per batch the target, the loss and the optimiser
+* per batch the relaxation's α (:meth:`Trainer.alpha`), the target, the loss and the optimiser
   step(s) (:meth:`Trainer.step`: one for CFRH, DJSRH and JDSH, three for DGCPN).
 
 Codes are sign(h) of the hash layer for every method (:meth:`cfrh.model.CFRHModel.hash_image`).
@@ -39,7 +39,7 @@ import torch
 from .loss import LossWeights, loss_terms
 from .methods import METHODS, dgcpn, djsrh, jdsh
 from .methods import alpha as baseline_alpha
-from .model import CFRHModel, ModelSpec, alpha_for_epoch
+from .model import CFRHModel, ModelSpec, alpha_for_epoch, alpha_stage
 from .similarity import fused_similarity
 
 if TYPE_CHECKING:  # the estimator imports this module; TrainConfig is only a type here
@@ -103,9 +103,11 @@ class Trainer:
         with torch.no_grad():
             self.anchors = (model.prepare_image(image), model.prepare_text(text))
 
-    def alpha(self, epoch: int, epochs: int) -> float:
+    def alpha(self, epoch: int, epochs: int, batch: int = 0, batches: int = 1) -> float:
+        """α at one batch of the run: the schedule over :func:`cfrh.model.alpha_stage`'s stages."""
         c = self.config
-        return alpha_for_epoch(epoch, c.alpha_schedule, epochs, c.alpha_max)
+        stage, stages = alpha_stage(epoch, epochs, batch, batches)
+        return alpha_for_epoch(stage, c.alpha_schedule, stages, c.alpha_max)
 
     def step(self, model: CFRHModel, optimizer: torch.optim.Optimizer, image: torch.Tensor, text: torch.Tensor,
              positions: torch.Tensor | None, alpha: float) -> dict[str, torch.Tensor]:
@@ -176,7 +178,8 @@ class BaselineTrainer(Trainer):
     def begin(self, data: "PairBatches", model: CFRHModel) -> None:
         """Nothing before training (CFRH's anchors are CFRH's own); DGCPN overrides this."""
 
-    def alpha(self, epoch: int, epochs: int) -> float:
+    def alpha(self, epoch: int, epochs: int, batch: int = 0, batches: int = 1) -> float:
+        """Per epoch, as the published code."""
         return baseline_alpha(epoch, self.settings.alpha_schedule)
 
     def target(self, image: torch.Tensor, text: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:

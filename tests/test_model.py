@@ -10,8 +10,8 @@ import torch
 from cfrh.codes import pack_codes
 from cfrh.config import ConfigError
 from cfrh.loss import LossWeights, loss_terms, reconstruction_error
-from cfrh.model import (CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, prepare_features,
-                        relaxed_codes)
+from cfrh.model import (CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, alpha_stage,
+                        prepare_features, relaxed_codes)
 from cfrh.similarity import cosine_similarity, dgcpn_coherence, fused_similarity, jdsh_weighting, joint_modal_similarity
 from cfrh.training import TrainConfig
 
@@ -171,6 +171,20 @@ def test_gradcheck_through_autoencoder_and_loss():
     tgt_i, tgt_t = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
     total = lambda a, b: loss_terms(a, b, s, a, tgt_i, b, tgt_t, LossWeights(pair=1.0))["total"]  # noqa: E731
     assert torch.autograd.gradcheck(total, (b_i, b_t))
+
+
+def test_alpha_stages_follow_the_run_not_its_epoch_count():
+    # 50 or more epochs: one stage per epoch, whatever the batch (DJSRH's √(epoch + 1) exactly)
+    assert {alpha_stage(e, 50, b, 39) for e in (0, 7, 49) for b in (0, 20, 38)} == {(0, 50), (7, 50), (49, 50)}
+    assert alpha_stage(99, 100, 5, 10) == (99, 100)
+    # One epoch of 1,562 steps (200,000 pairs under the step budget): 50 stages of 31-32 steps, ending at the
+    # last, where counting epochs would have kept stage 0 (α = 1) throughout
+    stages = [alpha_stage(0, 1, b, 1562)[0] for b in range(1562)]
+    assert stages[0] == 0 and stages[-1] == 49 and stages == sorted(stages)
+    assert {stages.count(k) for k in range(50)} == {31, 32}
+    # 13 epochs (20,000 pairs): stage 49 in the last epoch, not 12
+    assert alpha_stage(12, 13, 119, 120) == (49, 50) and alpha_stage(6, 13, 60, 120)[0] == 25
+    assert alpha_for_epoch(*alpha_stage(12, 13, 119, 120)[:1], "sqrt") == math.sqrt(50)
 
 
 def test_alpha_schedules():
