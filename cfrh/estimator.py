@@ -106,7 +106,7 @@ class TrainConfig:
     # Equal weights for the two modalities: nothing unsupervised says which one to trust, and the field's
     # weights lean one way per dataset (JDSH's image-heavy .5/.1/.4: WIKI .23/.40 at 64 bits; WIKI's text-heavy
     # .2/.6/.2: UCI i→t −.05); .35/.35/.3 was within ±.005 of the best of those on each set.
-    similarity_scale: str = "batch-std"   # "batch-std" | "fixed" (DJSRH/JDSH: S = μ(...) as is, μ = 1.4)
+    similarity_scale: str = "batch-std"   # "batch-std" | "batch-iqr" | "fixed" (DJSRH/JDSH: S = μ(...), μ = 1.4)
     mu: float = 0.5
     beta: float = 0.35
     gamma: float = 0.35

@@ -12,7 +12,8 @@ from cfrh.config import ConfigError
 from cfrh.loss import LossWeights, loss_terms, reconstruction_error
 from cfrh.model import (CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, alpha_stage,
                         prepare_features, relaxed_codes)
-from cfrh.similarity import cosine_similarity, dgcpn_coherence, fused_similarity, jdsh_weighting, joint_modal_similarity
+from cfrh.similarity import (cosine_similarity, dgcpn_coherence, fused_similarity, jdsh_weighting, joint_modal_similarity,
+                             offdiagonal_iqr_spread)
 from cfrh.training import TrainConfig
 
 R = 1 / math.sqrt(2)
@@ -171,6 +172,21 @@ def test_gradcheck_through_autoencoder_and_loss():
     tgt_i, tgt_t = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
     total = lambda a, b: loss_terms(a, b, s, a, tgt_i, b, tgt_t, LossWeights(pair=1.0))["total"]  # noqa: E731
     assert torch.autograd.gradcheck(total, (b_i, b_t))
+
+
+def test_batch_iqr_scale_divides_by_the_interquartile_spread():
+    # off-diagonal entries 0, 1, 2, 3, 4, 100: quartiles (linear) 1.25 and 3.75, so the spread is 2.5 / 1.349,
+    # where the standard deviation (39.9) is the one far entry's
+    s = torch.tensor([[9.0, 0.0, 1.0], [2.0, 9.0, 3.0], [4.0, 100.0, 9.0]])
+    assert offdiagonal_iqr_spread(s).item() == pytest.approx(2.5 / 1.3489795)
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(16, 8, generator=g), torch.randn(16, 5, generator=g)
+    weights = dict(beta=0.35, gamma=0.35, eta=0.3)
+    bracket = fused_similarity(image, text, mu=1.0, scale="fixed", **weights)
+    scaled = fused_similarity(image, text, mu=0.5, scale="batch-iqr", **weights)
+    torch.testing.assert_close(scaled, 0.5 * bracket / offdiagonal_iqr_spread(bracket))
+    with pytest.raises(ValueError, match="scale must be one of"):
+        fused_similarity(image, text, mu=0.5, scale="batch-mad", **weights)
 
 
 def test_alpha_stages_follow_the_run_not_its_epoch_count():
