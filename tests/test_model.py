@@ -14,6 +14,7 @@ from cfrh.model import (CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, a
                         prepare_features, relaxed_codes)
 from cfrh.similarity import (cosine_similarity, dgcpn_coherence, fused_similarity, jdsh_weighting, joint_modal_similarity,
                              offdiagonal_iqr_spread)
+from cfrh.trainers import Trainer
 from cfrh.training import TrainConfig
 
 R = 1 / math.sqrt(2)
@@ -200,7 +201,9 @@ def test_alpha_stages_follow_the_run_not_its_epoch_count():
     assert {stages.count(k) for k in range(50)} == {31, 32}
     # 13 epochs (20,000 pairs): stage 49 in the last epoch, not 12
     assert alpha_stage(12, 13, 119, 120) == (49, 50) and alpha_stage(6, 13, 60, 120)[0] == 25
-    assert alpha_for_epoch(*alpha_stage(12, 13, 119, 120)[:1], "sqrt") == math.sqrt(50)
+    # ... and the trainer's α there is the end of a 50-epoch run's, √50 (per epoch it would be √13)
+    assert Trainer(TrainConfig()).alpha(12, 13, 119, 120) == math.sqrt(50)
+    assert Trainer(TrainConfig()).alpha(7, 50, 30, 39) == math.sqrt(8)
 
 
 def test_alpha_schedules():
