@@ -176,10 +176,14 @@ def test_gradcheck_through_autoencoder_and_loss():
 
 
 def test_batch_iqr_scale_divides_by_the_interquartile_spread():
-    # off-diagonal entries 0, 1, 2, 3, 4, 100: quartiles (linear) 1.25 and 3.75, so the spread is 2.5 / 1.349,
-    # where the standard deviation (39.9) is the one far entry's
-    s = torch.tensor([[9.0, 0.0, 1.0], [2.0, 9.0, 3.0], [4.0, 100.0, 9.0]])
-    assert offdiagonal_iqr_spread(s).item() == pytest.approx(2.5 / 1.3489795)
+    # off-diagonal entries 0, 1, ..., 10 and 100: quartiles (linear) 2.75 and 8.25, so the spread is 5.5 / 1.349,
+    # where the standard deviation (27.6) is the one far entry's
+    s = torch.full((4, 4), 9.0)
+    s[~torch.eye(4, dtype=torch.bool)] = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 100])
+    assert offdiagonal_iqr_spread(s).item() == pytest.approx(5.5 / 1.3489795)
+    # a bulk of one value (ten of twelve entries 0): the quartiles coincide, the floor is a tenth of the std
+    s[~torch.eye(4, dtype=torch.bool)] = torch.tensor([0.0] * 10 + [1.0, 5.0])
+    assert offdiagonal_iqr_spread(s).item() == pytest.approx(0.1 * torch.tensor([0.0] * 10 + [1.0, 5.0]).std().item())
     g = torch.Generator().manual_seed(0)
     image, text = torch.randn(16, 8, generator=g), torch.randn(16, 5, generator=g)
     weights = dict(beta=0.35, gamma=0.35, eta=0.3)
