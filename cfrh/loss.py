@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .model import nonempty_rows
+
 TERMS = ("intra", "cross", "recon", "pair")
 
 
@@ -45,7 +47,7 @@ def paired_agreement(image_text_cosines: torch.Tensor, image_features: torch.Ten
                      text_features: torch.Tensor) -> torch.Tensor:
     """Mean cosine of the two codes of a pair, over the pairs whose image and text rows are both non-empty
     (0 when there is none)."""
-    both = (image_features.abs().sum(1) > 0) & (text_features.abs().sum(1) > 0)
+    both = nonempty_rows(image_features) & nonempty_rows(text_features)
     cosines = torch.diagonal(image_text_cosines)
     if bool(both.all()):
         return cosines.mean()

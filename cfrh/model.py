@@ -129,6 +129,11 @@ class ModelSpec:
                 raise ModelError(f"{name} must be a list of positive layer widths, got {widths!r}")
 
 
+def nonempty_rows(x: torch.Tensor) -> torch.Tensor:
+    """Which rows carry anything (a text with no vocabulary word, an image with no tag, is all zeros): (n,) bool."""
+    return x.abs().sum(1) > 0
+
+
 def prepare_features(x: torch.Tensor, mode: str, mean: torch.Tensor) -> torch.Tensor:
     """The model's view of raw features: as-is, L2-normalised rows, or mean-centred then L2-normalised.
 
@@ -136,7 +141,7 @@ def prepare_features(x: torch.Tensor, mode: str, mean: torch.Tensor) -> torch.Te
     carries no similarity, where centring would make every such row the same vector, −mean, and the target
     would call them all alike (measured on MIRFLICKR's tag halves, 17% of rows empty: +.007 at 16 bits)."""
     if mode == "center-l2":
-        x = torch.where(x.abs().sum(1, keepdim=True) > 0, x - mean, x)
+        x = torch.where(nonempty_rows(x)[:, None], x - mean, x)
     return F.normalize(x, dim=1) if mode in ("l2", "center-l2") else x
 
 
