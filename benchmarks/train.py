@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cfrh.cache import FeatureCache, feature_key
 from cfrh.config import load_pipeline
 from cfrh.loss import LossWeights
-from cfrh.model import CFRHModel, ModelSpec
+from cfrh.model import CFRHModel, FeatureStats, ModelSpec
 from cfrh.runs import RunStore
 from cfrh.splits import make_splits
 from cfrh.estimator import TrainConfig, auto_threads, available_threads, make_optimizer, training_step
@@ -76,7 +76,7 @@ def step_setup(config: TrainConfig, image: torch.Tensor, text: torch.Tensor):
     torch.manual_seed(0)
     model = CFRHModel(ModelSpec(image.shape[1], text.shape[1], BITS, config.image_hidden, config.text_hidden,
                                 config.dropout, config.image_preprocess, config.text_preprocess))
-    model.set_means(image.mean(0).numpy(), text.mean(0).numpy())
+    model.set_feature_stats(FeatureStats.of(image), FeatureStats.of(text))
     weights = LossWeights(config.w_intra, config.w_cross, config.w_recon, config.w_pair)
     return model, make_optimizer(model, config), weights
 

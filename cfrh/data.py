@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .cache import FeatureCache, iter_row_blocks
+from .model import FeatureStats
 
 
 def feature_blocks(cache: FeatureCache, name: str, block_rows: int = 16384,
@@ -28,12 +29,14 @@ def feature_blocks(cache: FeatureCache, name: str, block_rows: int = 16384,
         yield start, cache.read(name, sel).astype(np.float32, copy=False)
 
 
-def feature_mean(cache: FeatureCache, name: str, rows: np.ndarray, block_rows: int = 16384) -> np.ndarray:
-    """Mean feature vector over ``rows`` (float64 accumulation, float32 result)."""
-    total = np.zeros(cache.array(name).shape[1], dtype=np.float64)
+def feature_stats(cache: FeatureCache, name: str, rows: np.ndarray, block_rows: int = 16384) -> FeatureStats:
+    """Mean (float64 accumulation, float32 result) and per-column non-zero counts over ``rows``, bounded memory."""
+    dim = cache.array(name).shape[1]
+    total, nonzero = np.zeros(dim, dtype=np.float64), np.zeros(dim, dtype=np.int64)
     for _, block in feature_blocks(cache, name, block_rows, rows=rows):
         total += block.sum(axis=0, dtype=np.float64)
-    return (total / max(1, len(rows))).astype(np.float32)
+        nonzero += np.count_nonzero(block, axis=0)
+    return FeatureStats((total / max(1, len(rows))).astype(np.float32), nonzero, int(len(rows)))
 
 
 class PairBatches:

@@ -38,7 +38,7 @@ from .config import ConfigError
 from .data import PairBatches
 from .errors import CfrhError
 from .locations import join
-from .model import ALPHA_SCHEDULES, PREPROCESS, CFRHModel, ModelSpec
+from .model import ALPHA_SCHEDULES, PREPROCESS, CFRHModel, FeatureStats, ModelSpec
 from .similarity import REFINES, RESCALES, SCALES, WEIGHTINGS
 from .trainers import METHOD_NAMES, PUBLISHED, SHARED_KEYS, Trainer, cfrh_step, check_overrides, trainer_for
 
@@ -405,9 +405,9 @@ class CFRH:
                              f"{self.batch_size}; pass a smaller batch_size")
         batches = PairBatches.from_arrays(image, text, self.batch_size, seed=self.config.seed,
                                           drop_last=self.config.drop_last)
-        return self.fit_batches(batches, (image.mean(0), text.mean(0)))
+        return self.fit_batches(batches, (FeatureStats.of(image), FeatureStats.of(text)))
 
-    def fit_batches(self, data: PairBatches, feature_means: tuple[np.ndarray, np.ndarray], *,
+    def fit_batches(self, data: PairBatches, feature_stats: tuple[FeatureStats, FeatureStats], *,
                     resume_from: bytes | None = None, on_batch: BatchCallback | None = None,
                     on_epoch: EpochCallback | None = None) -> "CFRH":
         """The training loop over any batch source; resumes from :func:`checkpoint_bytes` output when given.
@@ -423,7 +423,7 @@ class CFRH:
             torch.manual_seed(config.seed * 1_000_003 + bits)
             model = CFRHModel(trainer.spec(data.image_dim, data.text_dim, bits))
             trainer.init_model(model)
-            model.set_means(*feature_means)
+            model.set_feature_stats(*feature_stats)
             optimizer = make_optimizer(model, config)
             start_epoch, history = 0, []
             if resume_from is not None:

@@ -28,7 +28,7 @@ import numpy as np
 from .cache import FeatureCache, open_pipeline_cache
 from .codes import pack_codes
 from .config import ConfigError, Pipeline
-from .data import feature_blocks, feature_mean
+from .data import feature_blocks, feature_stats
 from .errors import CfrhError
 from .metrics import RULE_DEFINITIONS, RULES, MetricError, RetrievalResult, map_k_rule, retrieval_metrics
 from .plots import Series, line_panels
@@ -114,7 +114,7 @@ def random_projection_codes(cache: FeatureCache, bits: int, train_rows: np.ndarr
     for m, modality in enumerate(("image", "text")):
         dim = cache.array(modality).shape[1]
         w = np.random.default_rng([seed, bits, m]).standard_normal((dim, bits)).astype(np.float32)
-        mean = feature_mean(cache, modality, train_rows)
+        mean = feature_stats(cache, modality, train_rows).mean
         out = np.empty((cache.n_items, bits // 8), np.uint8)
         block_rows = max(256, int(block_mb * 2**20 // (4 * dim)))
         for start, block in feature_blocks(cache, modality, block_rows):

@@ -6,7 +6,7 @@ approach ±1; at inference the code is sign(h). The decoder maps the relaxed cod
 the mirrored hidden widths to the feature (reconstruction keeps the codes informative about
 their own modality). Features are prepared the same way in training and at inference
 (:data:`PREPROCESS`), with any mean stored in the model, so a saved model hashes new features
-exactly as it hashed the training ones.
+exactly as it hashed the training ones (the mean, and under ``idf-center-l2`` the column weights).
 
 Saving and loading belong to the estimator (:meth:`cfrh.estimator.CFRH.save` / ``load``).
 """
@@ -23,7 +23,7 @@ from torch import nn
 from .codes import pack_codes
 from .errors import CfrhError
 
-PREPROCESS = ("none", "l2", "center-l2")
+PREPROCESS = ("none", "l2", "center-l2", "idf-center-l2")
 ALPHA_SCHEDULES = ("sqrt", "sqrt-progress", "linear", "constant")
 # α is raised at least this many times over a run: DJSRH's 50 epochs of √(epoch + 1) (cfrh.model.alpha_stage)
 ALPHA_STAGES = 50
@@ -134,15 +134,45 @@ def nonempty_rows(x: torch.Tensor) -> torch.Tensor:
     return x.abs().sum(1) > 0
 
 
-def prepare_features(x: torch.Tensor, mode: str, mean: torch.Tensor) -> torch.Tensor:
-    """The model's view of raw features: as-is, L2-normalised rows, or mean-centred then L2-normalised.
+@dataclass
+class FeatureStats:
+    """What feature preparation learns from one modality's training rows: the mean, and in how many rows each
+    column is non-zero (for :func:`idf_weights`). Built whole by :meth:`of`, or streamed
+    (:func:`cfrh.data.feature_stats`)."""
 
-    An all-zero row (a text with no vocabulary word, an image with no tag) stays zero under ``center-l2``: it
+    mean: np.ndarray       # (D,) float32
+    nonzero: np.ndarray    # (D,) int64: rows with a non-zero value in the column
+    rows: int
+
+    @classmethod
+    def of(cls, x: np.ndarray | torch.Tensor) -> "FeatureStats":
+        """Statistics of (N, D) rows held in memory, a numpy array or a tensor."""
+        if isinstance(x, torch.Tensor):
+            return cls(x.mean(0).numpy(), (x != 0).sum(0).numpy().astype(np.int64), int(x.shape[0]))
+        x = np.asarray(x)
+        return cls(x.mean(0), np.count_nonzero(x, axis=0).astype(np.int64), int(x.shape[0]))
+
+
+def idf_weights(stats: FeatureStats) -> np.ndarray:
+    """Smoothed inverse document frequency per column, ln((1 + n) / (1 + df)) + 1 (scikit-learn's
+    ``TfidfTransformer(smooth_idf=True)``): a tag or visual word present in few rows says more about which rows
+    are alike than one present in most, so it gets more of the cosine. A column non-zero in every row (CLIP
+    embeddings, LDA topics, Fourier coefficients) gets exactly 1: dense features are prepared as without it."""
+    return (np.log((1.0 + stats.rows) / (1.0 + stats.nonzero)) + 1.0).astype(np.float32)
+
+
+def prepare_features(x: torch.Tensor, mode: str, mean: torch.Tensor,
+                     weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's view of raw features: as-is, L2-normalised rows, mean-centred then L2-normalised, or
+    (``idf-center-l2``) centred, each column scaled by its ``weight`` (:func:`idf_weights`), then L2-normalised.
+
+    An all-zero row (a text with no vocabulary word, an image with no tag) stays zero under the centring modes: it
     carries no similarity, where centring would make every such row the same vector, −mean, and the target
     would call them all alike (measured on MIRFLICKR's tag halves, 17% of rows empty: +.007 at 16 bits)."""
-    if mode == "center-l2":
-        x = torch.where(nonempty_rows(x)[:, None], x - mean, x)
-    return F.normalize(x, dim=1) if mode in ("l2", "center-l2") else x
+    if mode in ("center-l2", "idf-center-l2"):
+        centred = x - mean if mode == "center-l2" else (x - mean) * weight
+        x = torch.where(nonempty_rows(x)[:, None], centred, x)
+    return F.normalize(x, dim=1) if mode != "none" else x
 
 
 class CFRHModel(nn.Module):
@@ -155,17 +185,27 @@ class CFRHModel(nn.Module):
         self.text = ModalityAutoencoder(spec.text_dim, list(spec.text_hidden), spec.bits, spec.dropout, spec.decoder)
         self.register_buffer("image_mean", torch.zeros(spec.image_dim))
         self.register_buffer("text_mean", torch.zeros(spec.text_dim))
+        # column weights only where a modality uses them, so models saved without them still load
+        self.register_buffer("image_weight",
+                             torch.ones(spec.image_dim) if spec.image_preprocess == "idf-center-l2" else None)
+        self.register_buffer("text_weight",
+                             torch.ones(spec.text_dim) if spec.text_preprocess == "idf-center-l2" else None)
 
-    def set_means(self, image_mean: np.ndarray, text_mean: np.ndarray) -> None:
-        """Training-split feature means, used by ``center-l2`` preparation (kept in the saved model)."""
-        self.image_mean.copy_(torch.as_tensor(image_mean, dtype=torch.float32))
-        self.text_mean.copy_(torch.as_tensor(text_mean, dtype=torch.float32))
+    def set_feature_stats(self, image: FeatureStats, text: FeatureStats) -> None:
+        """What preparation takes from the training split: the means (``center-l2``, ``idf-center-l2``) and
+        the IDF column weights (``idf-center-l2``), kept in the saved model."""
+        self.image_mean.copy_(torch.as_tensor(image.mean, dtype=torch.float32))
+        self.text_mean.copy_(torch.as_tensor(text.mean, dtype=torch.float32))
+        if self.image_weight is not None:
+            self.image_weight.copy_(torch.from_numpy(idf_weights(image)))
+        if self.text_weight is not None:
+            self.text_weight.copy_(torch.from_numpy(idf_weights(text)))
 
     def prepare_image(self, x: torch.Tensor) -> torch.Tensor:
-        return prepare_features(x, self.spec.image_preprocess, self.image_mean)
+        return prepare_features(x, self.spec.image_preprocess, self.image_mean, self.image_weight)
 
     def prepare_text(self, x: torch.Tensor) -> torch.Tensor:
-        return prepare_features(x, self.spec.text_preprocess, self.text_mean)
+        return prepare_features(x, self.spec.text_preprocess, self.text_mean, self.text_weight)
 
     # -- hashing new features -------------------------------------------------------------
     @torch.no_grad()

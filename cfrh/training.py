@@ -27,8 +27,9 @@ import numpy as np
 
 from .cache import FeatureCache, describe_differences, open_pipeline_cache
 from .config import Pipeline
-from .data import PairBatches, feature_blocks, feature_mean
+from .data import PairBatches, feature_blocks, feature_stats
 from .estimator import CFRH, TrainConfig, TrainError
+from .model import FeatureStats
 from .runs import RunError, RunStore
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _mismatch(store: RunStore, what: str, have: dict, want: dict) -> TrainError:
 
 
 def train_bits(cache: FeatureCache, store: RunStore, data: PairBatches,
-               feature_means: tuple[np.ndarray, np.ndarray], config: TrainConfig, bits: int, resume: bool,
+               feature_stats: tuple[FeatureStats, FeatureStats], config: TrainConfig, bits: int, resume: bool,
                on_batch: Callable[[int, dict[str, float] | None], None] | None = None) -> dict:
     """Train one bit length to completion (or resume it), emit its codes, return its summary."""
     est = estimator_for(config, bits)
@@ -98,7 +99,7 @@ def train_bits(cache: FeatureCache, store: RunStore, data: PairBatches,
             store.update_info(history={str(bits): history})
             save_checkpoint(store, bits, make_checkpoint())
 
-    est.fit_batches(data, feature_means, resume_from=checkpoint, on_batch=on_batch, on_epoch=on_epoch)
+    est.fit_batches(data, feature_stats, resume_from=checkpoint, on_batch=on_batch, on_epoch=on_epoch)
     emit_codes(cache, store, est)
     est.save(store.model_dir(bits), extra={"run": store.name,
                                            "cache": {"url": cache.url, "fingerprint": cache.fingerprint}})
@@ -151,9 +152,9 @@ def train(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, bits:
     data = PairBatches(cache, train_rows, batch_size, seed=config.seed, in_memory_mb=config.in_memory_mb,
                        window_blocks=config.window_blocks, drop_last=config.drop_last)
     if data.in_memory:
-        feature_means = (data.image.mean(0).numpy(), data.text.mean(0).numpy())
+        stats = (FeatureStats.of(data.image), FeatureStats.of(data.text))
     else:
-        feature_means = (feature_mean(cache, "image", data.rows), feature_mean(cache, "text", data.rows))
+        stats = (feature_stats(cache, "image", data.rows), feature_stats(cache, "text", data.rows))
     store.update_info(run=run, pipeline=pipeline.name, method=config.method,
                       cache={"url": cache.url, "fingerprint": cache.fingerprint, "dataset": cache.dataset,
                              "key": cache.key, "split": cache.split_settings},
@@ -168,7 +169,7 @@ def train(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, bits:
             if on_progress is not None:
                 on_progress(task, advance, total, terms)
 
-        summary["bits"][str(b)] = train_bits(cache, store, data, feature_means, config, b, resume, on_batch)
+        summary["bits"][str(b)] = train_bits(cache, store, data, stats, config, b, resume, on_batch)
     return summary
 
 

@@ -22,7 +22,7 @@ from cfrh.data import PairBatches
 from cfrh.estimator import TrainConfig, make_optimizer
 from cfrh.evaluation import evaluate
 from cfrh.methods import dgcpn, djsrh, jdsh
-from cfrh.model import CFRHModel
+from cfrh.model import CFRHModel, FeatureStats
 from cfrh.runs import RunStore
 from cfrh.trainers import PUBLISHED, trainer_for
 from cfrh.training import TrainError, train
@@ -86,7 +86,7 @@ def _model_and_optimizer(est: CFRH, image: np.ndarray, text: np.ndarray):
     torch.manual_seed(0)
     model = CFRHModel(trainer.spec(image.shape[1], text.shape[1], est.bits))
     trainer.init_model(model)
-    model.set_means(image.mean(0), text.mean(0))
+    model.set_feature_stats(FeatureStats.of(image), FeatureStats.of(text))
     return trainer, model, make_optimizer(model, trainer.config)
 
 

@@ -10,8 +10,8 @@ import torch
 from cfrh.codes import pack_codes
 from cfrh.config import ConfigError
 from cfrh.loss import LossWeights, loss_terms, reconstruction_error
-from cfrh.model import (CFRHModel, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch, alpha_stage,
-                        prepare_features, relaxed_codes)
+from cfrh.model import (CFRHModel, FeatureStats, ModalityAutoencoder, ModelError, ModelSpec, alpha_for_epoch,
+                        alpha_stage, idf_weights, prepare_features, relaxed_codes)
 from cfrh.similarity import (cosine_similarity, dgcpn_coherence, fused_similarity, jdsh_weighting, joint_modal_similarity,
                              offdiagonal_iqr_spread)
 from cfrh.trainers import Trainer
@@ -232,7 +232,7 @@ def test_hash_is_packed_sign_of_the_encoder_after_preparation():
     model = _model(24, image_preprocess="center-l2", text_preprocess="none")
     rng = np.random.default_rng(0)
     img, txt = rng.standard_normal((50, 12)).astype(np.float32), rng.poisson(1.0, (50, 7)).astype(np.uint8)
-    model.set_means(img.mean(0), txt.mean(0))
+    model.set_feature_stats(FeatureStats.of(img), FeatureStats.of(txt))
     codes = model.hash_image(img)
     assert codes.shape == (50, 3) and codes.dtype == np.uint8
     x = torch.from_numpy(img) - torch.from_numpy(img.mean(0))
@@ -279,3 +279,49 @@ def test_center_l2_keeps_empty_rows_empty():
     torch.testing.assert_close(got[1], torch.tensor([0.5, 1.5, -0.5]) / math.sqrt(2.75))
     torch.testing.assert_close(got[2], torch.tensor([-0.5, -1.5, 1.5]) / math.sqrt(4.75))
     torch.testing.assert_close(prepare_features(x, "l2", mean)[1], torch.tensor([1.0, 3.0, 0.0]) / math.sqrt(10))
+
+
+def test_idf_weights_are_scikit_learns_smoothed_idf():
+    """Columns non-zero in 4, 1 and 0 of 4 rows: ln(5/5) + 1, ln(5/2) + 1, ln(5/1) + 1 — what scikit-learn's
+    TfidfTransformer computes; a column non-zero in every row gets exactly 1."""
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    x = np.array([[1, 2, 0], [3, 0, 0], [1, 0, 0], [2, 0, 0]], dtype=np.float32)
+    stats = FeatureStats.of(x)
+    assert stats.rows == 4 and stats.nonzero.tolist() == [4, 1, 0]
+    w = idf_weights(stats)
+    np.testing.assert_allclose(w, [1.0, math.log(2.5) + 1, math.log(5) + 1], rtol=1e-6)
+    assert w[0] == 1.0
+    np.testing.assert_allclose(w, TfidfTransformer(smooth_idf=True).fit(x).idf_, rtol=1e-6)
+    # the same statistics from a tensor
+    t = FeatureStats.of(torch.from_numpy(x))
+    assert t.nonzero.tolist() == [4, 1, 0] and t.rows == 4
+    np.testing.assert_allclose(t.mean, [1.75, 0.5, 0.0])
+
+
+def test_idf_center_l2_weights_the_centred_columns_and_keeps_empty_rows_empty():
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 2.0]])
+    mean, weight = torch.tensor([0.5, 1.5, 0.5]), torch.tensor([1.0, 2.0, 3.0])
+    got = prepare_features(x, "idf-center-l2", mean, weight)
+    assert torch.equal(got[0], torch.zeros(3))
+    torch.testing.assert_close(got[1], torch.tensor([0.5, 3.0, -1.5]) / math.sqrt(11.5))
+    torch.testing.assert_close(got[2], torch.tensor([-0.5, -3.0, 4.5]) / math.sqrt(29.5))
+
+
+def test_idf_leaves_dense_features_as_centring_alone_does():
+    """Dense features (every column non-zero somewhere in every row: CLIP, LDA, Fourier) get weight 1 everywhere,
+    so idf-center-l2 hashes them bit for bit as center-l2 does; sparse ones it changes."""
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((60, 12)).astype(np.float32)
+    sparse = (rng.random((60, 7)) < 0.2).astype(np.float32) * rng.poisson(2.0, (60, 7)).astype(np.float32)
+    plain, idf = _model(16, image_preprocess="center-l2", text_preprocess="center-l2"), \
+        _model(16, image_preprocess="idf-center-l2", text_preprocess="idf-center-l2")
+    for model in (plain, idf):
+        model.set_feature_stats(FeatureStats.of(dense), FeatureStats.of(sparse))
+    assert torch.equal(idf.image_weight, torch.ones(12)) and plain.image_weight is None
+    assert torch.equal(idf.prepare_image(torch.from_numpy(dense)), plain.prepare_image(torch.from_numpy(dense)))
+    np.testing.assert_array_equal(idf.hash_image(dense), plain.hash_image(dense))
+    assert idf.text_weight.min() > 1.0   # every sparse column is zero in some row
+    assert not torch.allclose(idf.prepare_text(torch.from_numpy(sparse)), plain.prepare_text(torch.from_numpy(sparse)))
+    # the weights are part of the saved state; a model without them (center-l2) has none to load
+    assert "text_weight" in idf.state_dict() and "text_weight" not in plain.state_dict()

@@ -94,7 +94,7 @@ def test_streaming_reads_storage_blocks_together(tmp_path):
 
 
 def test_joint_anchors_are_seeded_training_rows_prepared_as_a_batch(tmp_path):
-    from cfrh.model import CFRHModel
+    from cfrh.model import CFRHModel, FeatureStats
     from cfrh.trainers import trainer_for
 
     cache = make_cache(tmp_path)
@@ -105,7 +105,8 @@ def test_joint_anchors_are_seeded_training_rows_prepared_as_a_batch(tmp_path):
             trainer = trainer_for(TrainConfig.from_dict({**SMALL, "seed": seed, "joint_anchors": 40}))
             data = PairBatches(cache, rows, 32, seed=seed, in_memory_mb=in_memory_mb)
             model = CFRHModel(trainer.spec(data.image_dim, data.text_dim, 8))
-            model.set_means(cache.read("image", rows).mean(0), cache.read("text", rows).mean(0))
+            model.set_feature_stats(FeatureStats.of(cache.read("image", rows)),
+                                    FeatureStats.of(cache.read("text", rows)))
             trainer.begin(data, model)
             image, text = trainer.anchors
             assert image.shape == (40, 16) and text.shape == (40, 20)
@@ -255,3 +256,21 @@ def test_auto_threads_leave_busy_cores_alone(monkeypatch):
     for load, expected in ((0.0, 4), (1.2, 3), (2.6, 1), (9.0, 1)):
         monkeypatch.setattr(estimator_mod.os, "getloadavg", lambda load=load: (load, load, load))
         assert estimator_mod.auto_threads() == expected
+
+
+def test_streamed_feature_stats_equal_the_in_memory_ones(tmp_path):
+    """What preparation learns from a training split read block by block (a split too large for memory) is what
+    it learns from the split read whole: the same non-zero counts, the same mean, in any block size."""
+    from cfrh.data import feature_stats
+    from cfrh.model import FeatureStats
+
+    cache = make_cache(tmp_path)
+    rows = cache.split("train")[::3]
+    for name in ("image", "text"):
+        whole = FeatureStats.of(cache.read(name, rows).astype(np.float32))
+        for block_rows in (7, 64, 16384):
+            streamed = feature_stats(cache, name, rows, block_rows=block_rows)
+            assert streamed.rows == whole.rows == len(rows)
+            np.testing.assert_array_equal(streamed.nonzero, whole.nonzero)
+            np.testing.assert_allclose(streamed.mean, whole.mean, rtol=1e-6, atol=1e-6)
+    assert (whole.nonzero < len(rows)).any() and (whole.nonzero > 0).any()   # text: some columns sparse
