@@ -126,3 +126,20 @@ def test_no_library_module_imports_the_cli():
     offenders = [str(p.relative_to(root)) for p, text in sources.items()
                  if "from .cli" in text or "from ..cli" in text or "import cfrh.cli" in text or "from cfrh.cli" in text]
     assert offenders == []
+
+
+def test_saved_model_keeps_its_idf_weights_and_a_model_without_them_loads(tmp_path):
+    """The default preparation's IDF weights are part of the saved model (the sparse text's are not all 1, so a
+    loaded model that lost them would hash differently); a model prepared with center-l2 has none and loads too."""
+    image, text, _ = paired()
+    for preprocess in ("idf-center-l2", "center-l2"):
+        model = CFRH(bits=16, **SETTINGS, image_preprocess=preprocess, text_preprocess=preprocess).fit(image, text)
+        model.save(tmp_path / preprocess)
+        loaded = CFRH.load(tmp_path / preprocess)
+        np.testing.assert_array_equal(loaded.hash_text(text), model.hash_text(text))
+        np.testing.assert_array_equal(loaded.hash_image(image), model.hash_image(image))
+        weight = loaded.model_.text_weight
+        if preprocess == "center-l2":
+            assert weight is None
+        else:
+            assert weight.min() > 1.0 and bool((weight == model.model_.text_weight).all())
