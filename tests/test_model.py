@@ -309,7 +309,7 @@ def test_idf_center_l2_weights_the_centred_columns_and_keeps_empty_rows_empty():
 
 
 def test_idf_leaves_dense_features_as_centring_alone_does():
-    """Dense features (every column non-zero somewhere in every row: CLIP, LDA, Fourier) get weight 1 everywhere,
+    """Dense features (no column zero in any row: CLIP, LDA, Fourier) get weight 1 everywhere,
     so idf-center-l2 hashes them bit for bit as center-l2 does; sparse ones it changes."""
     rng = np.random.default_rng(0)
     dense = rng.standard_normal((60, 12)).astype(np.float32)
