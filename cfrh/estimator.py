@@ -60,6 +60,11 @@ class TrainError(CfrhError, RuntimeError):
     """Training cannot start, resume or go on as asked; the message says what differs and what to pass."""
 
 
+class RunMismatch(TrainError):
+    """What a run already holds (a finished bit length, a checkpoint, the cache it was trained on) was made with
+    other settings than asked for: starting over (``resume=False``, ``--no-resume``) is the way on."""
+
+
 @dataclass
 class TrainConfig:
     """The ``[train]`` table. These are the defaults for a pipeline that sets nothing, chosen by measurement on
@@ -435,7 +440,7 @@ class CFRH:
                 if header["config"] != want:
                     from .cache import describe_differences
 
-                    raise TrainError("the checkpoint was made with other settings — "
+                    raise RunMismatch("the checkpoint was made with other settings — "
                                      + "; ".join(describe_differences(header["config"], want))
                                      + ". Pass --no-resume to start over, or --run NAME for a separate run.")
                 restore_checkpoint(header, tensors, model, optimizer)

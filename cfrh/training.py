@@ -28,7 +28,7 @@ import numpy as np
 from .cache import FeatureCache, describe_differences, open_pipeline_cache
 from .config import Pipeline
 from .data import PairBatches, feature_blocks, feature_stats
-from .estimator import CFRH, TrainConfig, TrainError
+from .estimator import CFRH, RunMismatch, TrainConfig, TrainError
 from .model import FeatureStats
 from .runs import RunError, RunStore
 
@@ -58,8 +58,8 @@ def emit_codes(cache: FeatureCache, store: RunStore, est: CFRH, block_rows: int 
         store.write_codes(est.bits, modality, out)
 
 
-def _mismatch(store: RunStore, what: str, have: dict, want: dict) -> TrainError:
-    return TrainError(f"{store.url}: {what} with other settings — {'; '.join(describe_differences(have, want))}. "
+def _mismatch(store: RunStore, what: str, have: dict, want: dict) -> RunMismatch:
+    return RunMismatch(f"{store.url}: {what} with other settings — {'; '.join(describe_differences(have, want))}. "
                       f"Pass --no-resume to start over, or --run NAME for a separate run.")
 
 
@@ -136,7 +136,7 @@ def train(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, bits:
     trained_on = info.get("cache", {})
     if resume and info and (trained_on.get("fingerprint"), trained_on.get("split", cache.split_settings)) != (
             cache.fingerprint, cache.split_settings):
-        raise TrainError(f"{store.url}: run {run!r} was trained on another cache or [split] "
+        raise RunMismatch(f"{store.url}: run {run!r} was trained on another cache or [split] "
                          f"({trained_on.get('url')}); pass --no-resume to retrain it on {cache.url} with this "
                          f"[split], or --run NAME for a separate run")
     if not resume and info:
@@ -173,4 +173,4 @@ def train(pipeline: Pipeline, cache_root: str | os.PathLike | None = None, bits:
     return summary
 
 
-__all__ = ["train", "train_bits", "emit_codes", "TrainConfig", "TrainError", "CFRH"]
+__all__ = ["train", "train_bits", "emit_codes", "TrainConfig", "TrainError", "RunMismatch", "CFRH"]

@@ -51,7 +51,19 @@ def test_demo_runs_end_to_end(tmp_path):
     assert {r["direction"] for r in report["results"]} == {"i2t", "t2i", "i2i", "t2t"}
     assert (reports[0].parent / "pr_curves.png").stat().st_size > 0
     # A second run reuses the features and the finished codes.
+    codes = next(runs.glob("demo/*/cfrh/64/image_codes.npy"))
+    written = codes.stat().st_mtime_ns
     again = CliRunner().invoke(cli, ["demo", "--model", str(clip_dir), "--cache", str(cache), "--data", str(data),
                                      "--runs", str(runs), "--epochs", "2"], catch_exceptions=False)
     assert again.exit_code == 0, again.output
     assert "re-extracting" not in again.output
+    assert "retraining" not in again.output and codes.stat().st_mtime_ns == written
+    # Other settings than the run's (here its epochs; after an upgrade, new defaults): the demo's own run is
+    # retrained, where `cfrh train` alone stops and asks for --no-resume.
+    other = CliRunner().invoke(cli, ["demo", "--model", str(clip_dir), "--cache", str(cache), "--data", str(data),
+                                     "--runs", str(runs), "--epochs", "3"], catch_exceptions=False)
+    assert other.exit_code == 0, other.output
+    assert "retraining" in other.output and "epochs: cache has 2, asked for 3" in other.output
+    run_info = json.loads(next(runs.glob("demo/*/cfrh/run.json")).read_text())
+    assert run_info["config"]["epochs"] == 3 and all(run_info["complete"].values())
+    assert codes.stat().st_mtime_ns != written

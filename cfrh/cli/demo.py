@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from rich.markup import escape
+
 from ..cache import CacheMismatch
 from ..locations import cache_root as default_cache_root
 from ..config import load_pipeline
@@ -76,11 +78,19 @@ def demo(ctx: click.Context, clip_model: str | None, cache_root: str | None, run
     except CacheMismatch as e:
         # The demo's caches are its own (its scenes, or a collection under a demo-* name): stale, not precious.
         console.print(f"[yellow]the demo's cache was built from other scenes or settings; re-extracting[/yellow] "
-                      f"({e})", highlight=False, soft_wrap=True)
+                      f"({escape(str(e))})", highlight=False, soft_wrap=True)
         ctx.invoke(extract_command, **common, overwrite=True)
     console.rule("2/4 train")
     staged = {**common, "runs_root": runs_root}
-    ctx.invoke(train_command, **staged, epochs=epochs)
+    from ..estimator import RunMismatch   # here, not at the top: `cfrh --help` loads no torch
+
+    try:
+        ctx.invoke(train_command, **staged, epochs=epochs)
+    except RunMismatch as e:
+        # Its runs are the demo's own too: one made from an older cache or with older settings is retrained.
+        console.print(f"[yellow]the demo's run was trained on another cache or with other settings; retraining"
+                      f"[/yellow] ({escape(str(e))})", highlight=False, soft_wrap=True)
+        ctx.invoke(train_command, **staged, epochs=epochs, no_resume=True)
     console.rule("3/4 evaluate")
     if data.scored:
         ctx.invoke(evaluate_command, **staged)
