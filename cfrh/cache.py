@@ -75,10 +75,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
-def describe_differences(have: dict, want: dict) -> list[str]:
-    """One line per setting that differs between two requests (dotted keys)."""
+def describe_differences(have: dict, want: dict, holder: str = "cache") -> list[str]:
+    """One line per setting that differs between what ``holder`` (a cache, a run, a checkpoint) was made with and
+    what is asked for (dotted keys)."""
     a, b = _flatten(have), _flatten(want)
-    return [f"{k}: cache has {a.get(k, '<unset>')!r}, asked for {b.get(k, '<unset>')!r}"
+    return [f"{k}: {holder} has {a.get(k, '<unset>')!r}, asked for {b.get(k, '<unset>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -441,7 +441,7 @@ class CFRH:
                     from .cache import describe_differences
 
                     raise RunMismatch("the checkpoint was made with other settings — "
-                                     + "; ".join(describe_differences(header["config"], want))
+                                     + "; ".join(describe_differences(header["config"], want, "checkpoint"))
                                      + ". Pass --no-resume to start over, or --run NAME for a separate run.")
                 restore_checkpoint(header, tensors, model, optimizer)
                 start_epoch, history = header["epoch"] + 1, list(header["history"])

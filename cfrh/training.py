@@ -59,7 +59,7 @@ def emit_codes(cache: FeatureCache, store: RunStore, est: CFRH, block_rows: int 
 
 
 def _mismatch(store: RunStore, what: str, have: dict, want: dict) -> RunMismatch:
-    return RunMismatch(f"{store.url}: {what} with other settings — {'; '.join(describe_differences(have, want))}. "
+    return RunMismatch(f"{store.url}: {what} with other settings — {'; '.join(describe_differences(have, want, 'run'))}. "
                       f"Pass --no-resume to start over, or --run NAME for a separate run.")
 
 

@@ -63,7 +63,7 @@ def test_demo_runs_end_to_end(tmp_path):
     other = CliRunner().invoke(cli, ["demo", "--model", str(clip_dir), "--cache", str(cache), "--data", str(data),
                                      "--runs", str(runs), "--epochs", "3"], catch_exceptions=False)
     assert other.exit_code == 0, other.output
-    assert "retraining" in other.output and "epochs: cache has 2, asked for 3" in other.output
+    assert "retraining" in other.output and "epochs: run has 2, asked for 3" in other.output
     run_info = json.loads(next(runs.glob("demo/*/cfrh/run.json")).read_text())
     assert run_info["config"]["epochs"] == 3 and all(run_info["complete"].values())
     assert codes.stat().st_mtime_ns != written

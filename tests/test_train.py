@@ -16,7 +16,7 @@ from cfrh.config import ConfigError, Pipeline, load_pipeline
 from cfrh.data import PairBatches
 from cfrh.estimator import CFRH
 from cfrh.runs import RunStore
-from cfrh.training import TrainConfig, TrainError, train
+from cfrh.training import RunMismatch, TrainConfig, TrainError, train
 
 SMALL = {"bits": [8, 16], "epochs": 3, "batch_size": 32, "image_hidden": [16], "text_hidden": [12],
          "dropout": 0.1, "threads": 1}
@@ -209,7 +209,7 @@ def test_finished_runs_are_kept_or_refused_never_mixed(tmp_path):
     again = fit(pipeline(threads=2), tmp_path, bits=[8])   # threads do not change results
     assert again["bits"]["8"]["skipped"] is True
     np.testing.assert_array_equal(codes(cache, "cfrh", 8)[0], before)
-    with pytest.raises(TrainError, match="lr_image: cache has 0.001, asked for 0.01.*--no-resume"):
+    with pytest.raises(RunMismatch, match="lr_image: run has 0.001, asked for 0.01.*--no-resume"):
         fit(pipeline(lr_image=0.01), tmp_path, bits=[8])
     redo = fit(pipeline(lr_image=0.01), tmp_path, bits=[8], resume=False)
     assert redo["bits"]["8"]["skipped"] is False
